@@ -1,0 +1,51 @@
+"""Target selection: round-robin, least-connections, random, first.
+
+A Balancer gives the order in which a connection tries a route's targets (the first
+pick, then the retries) and counts connections held per target for least-connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+
+__all__ = ["Balancer"]
+
+
+class Balancer:
+    """Picks targets for one route."""
+
+    def __init__(self, targets: Sequence[tuple[str, int]], mode: str, rng: random.Random | None = None) -> None:
+        self.targets = tuple(targets)
+        self.mode = mode
+        self.active = [0] * len(self.targets)
+        self._next = 0
+        self._rng = rng or random.Random()
+
+    def order(self, attempts: int) -> list[int]:
+        """Indexes of the targets to try, `attempts` long; it cycles when there are fewer targets."""
+        n = len(self.targets)
+        if n == 0 or attempts <= 0:
+            return []
+        if self.mode == "first":
+            seq = list(range(n))
+        elif self.mode == "random":
+            seq = self._rng.sample(range(n), n)
+        else:
+            # round-robin and least-connections both rotate, so that ties are shared out.
+            start = self._next
+            self._next = (start + 1) % n
+            seq = [(start + i) % n for i in range(n)]
+            if self.mode == "least-connections":
+                seq.sort(key=self.active.__getitem__)  # stable: rotation breaks ties
+        return [seq[i % n] for i in range(attempts)]
+
+    @contextlib.contextmanager
+    def hold(self, index: int) -> Iterator[None]:
+        """Count one connection on target `index` for as long as the block runs."""
+        self.active[index] += 1
+        try:
+            yield
+        finally:
+            self.active[index] -= 1

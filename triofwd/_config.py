@@ -1,0 +1,289 @@
+"""Route files: typed structures decoded by msgspec, and the small value parsers.
+
+msgspec checks the *shape* of a route file (types, ranges, unknown keys) and reports
+the path of the bad value. What msgspec cannot express — durations, rates, CIDRs,
+targets, cross-route rules — is checked when the file is compiled into a route table
+(`triofwd._table.compile_table`), with errors in the same "message - at `$.path`" form.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import pathlib
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "HealthCheck",
+    "Route",
+    "Settings",
+    "TLS",
+    "load_config",
+    "parse_config",
+]
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PortRange = Annotated[str, msgspec.Meta(pattern=r"^\d{1,5}-\d{1,5}$")]
+Duration = str  # "250ms" | "30s" | "5m" | "4h" | "7d" | "0"; parsed by parse_duration
+Rate = str  # "300/min" | "0"; parsed by parse_rate
+Keepalive = Literal["standard", "immortal", "extended"]
+Action = Literal["forward", "bridge", "offload", "reject", "handler"]
+Balance = Literal["round-robin", "least-connections", "random", "first"]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ConfigError(Exception):
+    """A route file (or a Config built in code) that cannot be served.
+
+    `errors` holds one line per problem, each naming the path of the bad value.
+    """
+
+    def __init__(self, errors: list[str], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(errors))
+
+
+class _Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Settings(_Struct):
+    """Process-wide defaults; every key optional. See CONTRACT.md "Route file"."""
+
+    connect_timeout: Duration = "10s"
+    initial_data_timeout: Duration = "30s"
+    inactivity_timeout: Duration = "1h"
+    half_close_timeout: Duration = "0"
+    max_lifetime: Duration = "24h"
+    keepalive: Keepalive = "standard"
+    keepalive_multiplier: PositiveInt = 6
+    tcp_keepalive: Duration = "60s"
+    max_connections: Count = 10000
+    max_connections_per_ip: Count = 0
+    connection_rate_per_ip: Rate = "0"
+    shutdown_grace: Duration = "30s"
+    trusted_proxies: list[str] = []
+
+
+# Keys of [settings] that a route may repeat to override them for itself.
+ROUTE_OVERRIDES = (
+    "connect_timeout",
+    "initial_data_timeout",
+    "inactivity_timeout",
+    "half_close_timeout",
+    "max_lifetime",
+    "keepalive",
+    "keepalive_multiplier",
+    "tcp_keepalive",
+    "max_connections",
+    "max_connections_per_ip",
+    "connection_rate_per_ip",
+)
+
+
+class TLS(_Struct):
+    """TLS options for `domains` routes and `action = "bridge"`."""
+
+    mode: Literal["passthrough", "terminate", "reencrypt"] = "passthrough"
+    cert: str = ""
+    key: str = ""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    target_ca: str = ""
+    target_sni: str = ""
+
+
+class HealthCheck(_Struct):
+    """Active health check of a route's targets."""
+
+    interval: Duration = "5s"
+    timeout: Duration = "1s"
+    rise: PositiveInt = 2
+    fall: PositiveInt = 3
+    send: str = ""
+    expect: str = ""
+
+
+class Route(_Struct):
+    """One route: which connections it takes (ports, addresses, names) and what it does."""
+
+    name: str
+    ports: list[Port | PortRange]
+    bind: str = "0.0.0.0"
+    priority: int = 0
+    domains: list[str] = []
+    client_ips: list[str] = []
+    block_ips: list[str] = []
+    action: Action = "forward"
+    targets: list[str] = []
+    balance: Balance = "round-robin"
+    connect_retries: Count = 2
+    proxy_protocol: Literal["", "v1", "v2"] = ""
+    accept_proxy_protocol: bool = False
+    bridge_to: str = "internal"
+    # A "package.module:function" string in a route file; in code, the async callable itself.
+    handler: Any = ""
+    offload_fallback: Literal["", "forward"] = ""
+    preserve_source_ip: bool = False
+    warm: Count = 0
+    health_check: HealthCheck | None = None
+    tls: TLS | None = None
+    # Per-route overrides of [settings]; None means "as in [settings]".
+    connect_timeout: Duration | None = None
+    initial_data_timeout: Duration | None = None
+    inactivity_timeout: Duration | None = None
+    half_close_timeout: Duration | None = None
+    max_lifetime: Duration | None = None
+    keepalive: Keepalive | None = None
+    keepalive_multiplier: PositiveInt | None = None
+    tcp_keepalive: Duration | None = None
+    max_connections: Count | None = None
+    max_connections_per_ip: Count | None = None
+    connection_rate_per_ip: Rate | None = None
+
+
+class Config(_Struct):
+    """A whole route file: settings and routes."""
+
+    settings: Settings = msgspec.field(default_factory=Settings)
+    routes: list[Route] = []
+
+
+_DECODERS = {
+    ".toml": msgspec.toml.decode,
+    ".yaml": msgspec.yaml.decode,
+    ".yml": msgspec.yaml.decode,
+    ".json": msgspec.json.decode,
+}
+
+
+def parse_config(data: bytes | str, suffix: str, source: str = "") -> Config:
+    """Decode a route file's text; `suffix` (".toml", ".yaml", ".yml", ".json") picks the format."""
+    decode = _DECODERS.get(suffix.lower())
+    if decode is None:
+        raise ConfigError(
+            [f"unknown route file type {suffix!r}: expected .toml, .yaml, .yml or .json"], source
+        )
+    try:
+        return decode(data, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError([str(exc)], source) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # Syntax errors carry their own position ("line 3, column 1") instead of a path.
+        raise ConfigError([f"invalid {suffix.lstrip('.').upper()}: {exc}"], source) from None
+
+
+def load_config(path: str | pathlib.Path) -> Config:
+    """Read and validate a route file (TOML, YAML or JSON by its extension).
+
+    Raises ConfigError naming the file and the path of each bad value. The result is
+    also checked semantically (durations, CIDRs, targets...), so a Config returned here
+    can be served.
+    """
+    from ._table import compile_table  # the semantic checks live with the compiler
+
+    path = pathlib.Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read route file: {exc.strerror or exc}"], str(path)) from None
+    config = parse_config(data, path.suffix, str(path))
+    try:
+        compile_table(config, base_dir=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, str(path)) from None
+    return config
+
+
+# -- value parsers (pure) -------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE_RE = re.compile(r"^(\d+)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour)$")
+_RATE_UNITS = {
+    "s": 1.0, "sec": 1.0, "second": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0,
+    "h": 3600.0, "hour": 3600.0,
+}  # fmt: skip
+
+
+def parse_duration(text: str) -> float:
+    """Seconds for "250ms", "30s", "5m", "4h", "7d"; "0" means off and gives math.inf."""
+    if text.strip() == "0":
+        return math.inf
+    m = _DURATION_RE.match(text.strip())
+    if not m:
+        raise ValueError(
+            f"invalid duration {text!r}: expected a number and a unit (ms, s, m, h, d), "
+            'e.g. "250ms", "30s", "5m", or "0" for off'
+        )
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_rate(text: str) -> tuple[int, float] | None:
+    """(count, period in seconds) for "300/min", "10/5s"; "0" means off and gives None."""
+    if text.strip() == "0":
+        return None
+    m = _RATE_RE.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise ValueError(
+            f"invalid rate {text!r}: expected COUNT/UNIT with unit s, min or hour, "
+            'e.g. "300/min", or "0" for off'
+        )
+    per = float(m.group(2) or 1) * _RATE_UNITS[m.group(3)]
+    if per <= 0:
+        raise ValueError(f"invalid rate {text!r}: the period must be longer than zero")
+    return int(m.group(1)), per
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A network for "10.0.0.0/8", "::1" or "192.0.2.7" (a host is a /32 or /128)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"invalid CIDR {text!r}: expected an address or address/prefix") from None
+
+
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?$")
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """(host, port) for "10.0.0.5:22", "[::1]:22" or "db.internal:5432"."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"invalid target {text!r}: expected [IPv6]:port")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid target {text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"invalid target {text!r}: expected host:port")
+        if ":" in host:
+            raise ValueError(f"invalid target {text!r}: write an IPv6 target as [address]:port")
+        if not _HOSTNAME_RE.match(host):
+            raise ValueError(f"invalid target {text!r}: {host!r} is not a host name or address")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"invalid target {text!r}: port must be 1-65535")
+    return host, int(port)
+
+
+def parse_ports(spec: int | str) -> range:
+    """The listen ports of one `ports` entry: 2222 or "8000-8010"."""
+    if isinstance(spec, int):
+        return range(spec, spec + 1)
+    lo, _, hi = spec.partition("-")
+    first, last = int(lo), int(hi)
+    if not 1 <= first <= last <= 65535:
+        raise ValueError(f"invalid port range {spec!r}: expected LOW-HIGH within 1-65535")
+    return range(first, last + 1)

@@ -1,0 +1,91 @@
+"""Connection limits: concurrent connections (total and per client IP) and new-connection rate.
+
+Pure code: the caller passes the clock. A `Gate` holds a place for a connection for as long
+as a `with` block runs, so a count can never drift from the connections that exist.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Iterator
+
+from ._reasons import ConnectionEnded, Reason
+from ._table import Limits
+
+__all__ = ["Gate", "RateLimiter"]
+
+# Rate buckets that are full again carry no information; they are swept once the map
+# holds this many, so a flood of distinct addresses cannot grow memory without bound.
+SWEEP_AT = 4096
+
+
+class RateLimiter:
+    """A token bucket per key: `count` new connections per `period` seconds, bursts up to `count`."""
+
+    def __init__(self, count: int, period: float) -> None:
+        self.capacity = float(count)
+        self.per_second = count / period
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def allow(self, key: str, now: float) -> bool:
+        tokens, at = self._buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.per_second)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        if len(self._buckets) >= SWEEP_AT:
+            self._sweep(now)
+        return True
+
+    def _sweep(self, now: float) -> None:
+        full = [k for k, (t, at) in self._buckets.items() if t + (now - at) * self.per_second >= self.capacity]
+        for key in full:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class Gate:
+    """One set of limits (process-wide, or one route's own) and the counts it keeps."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.active = 0
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        rate = limits.connection_rate_per_ip
+        self.rate = RateLimiter(*rate) if rate else None
+
+    def update(self, limits: Limits) -> None:
+        """New limits (a reload); the counts of connections already open carry over."""
+        if limits.connection_rate_per_ip != self.limits.connection_rate_per_ip:
+            rate = limits.connection_rate_per_ip
+            self.rate = RateLimiter(*rate) if rate else None
+        self.limits = limits
+
+    @contextlib.contextmanager
+    def admitted(self, ip: str, now: float) -> Iterator[None]:
+        """Hold a place for one connection from `ip` while the block runs.
+
+        Raises ConnectionEnded with the limit's reason when there is no place. Order:
+        capacity first (it protects the process), then the per-IP count, then the rate;
+        a connection refused by a count does not use up a rate token.
+        """
+        limits = self.limits
+        if limits.max_connections and self.active >= limits.max_connections:
+            raise ConnectionEnded(Reason.CAPACITY)
+        if limits.max_connections_per_ip and self.per_ip[ip] >= limits.max_connections_per_ip:
+            raise ConnectionEnded(Reason.IP_LIMIT)
+        if self.rate is not None and not self.rate.allow(ip, now):
+            raise ConnectionEnded(Reason.RATE_LIMITED)
+        self.active += 1
+        self.per_ip[ip] += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]

@@ -1,0 +1,196 @@
+"""The data path: one pump, the relay that runs two of them, and the traffic scopes.
+
+Inactivity and half-close are cancel scopes around the pumps; every byte moves the
+inactivity deadline, the first EOF starts the half-close deadline. When a scope fires,
+leaving it raises ConnectionEnded with its reason. Socket errors are translated into
+ConnectionEnded at the one place they can arise, each read or write, so the reason
+names the side that failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._reasons import ConnectionEnded, Reason
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._table import Policy
+
+__all__ = ["IN", "OUT", "Traffic", "TrafficStream", "relay", "run_watched", "traffic_scopes"]
+
+log = logging.getLogger("triofwd.connection")
+
+# 64 KiB is the largest chunk one recv() of a loopback or LAN socket usually returns;
+# a larger buffer wastes memory per connection without moving bytes faster.
+RECEIVE_SIZE = 65536
+
+IN = "in"  # client -> target (bytes_in)
+OUT = "out"  # target -> client (bytes_out)
+_RESET = {IN: (Reason.CLIENT_RESET, Reason.TARGET_RESET), OUT: (Reason.TARGET_RESET, Reason.CLIENT_RESET)}
+
+
+@contextlib.contextmanager
+def _failure_means(reason: Reason) -> Iterator[None]:
+    """Translate a stream failure (reset, broken pipe) into the connection's end."""
+    try:
+        yield
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise ConnectionEnded(reason, str(exc.__cause__ or exc)) from exc
+
+
+class Traffic:
+    """One connection's activity clock: bytes, the inactivity deadline, half-close."""
+
+    __slots__ = ("conn", "idle", "half", "window", "half_window", "warn_after", "open_directions")
+
+    def __init__(self, conn: Connection, idle: trio.CancelScope, half: trio.CancelScope, policy: Policy) -> None:
+        self.conn = conn
+        self.idle = idle
+        self.half = half
+        self.window = policy.idle_window
+        self.half_window = policy.half_close_timeout
+        self.warn_after = policy.idle_warning_after
+        self.open_directions = 2
+
+    def seen(self) -> None:
+        """A byte moved: push the inactivity deadline."""
+        now = trio.current_time()
+        self.conn.last_activity = now
+        if self.window != math.inf:
+            self.idle.deadline = now + self.window
+
+    def moved(self, direction: str, n: int) -> None:
+        """`n` bytes were delivered in `direction`."""
+        if direction == IN:
+            self.conn.bytes_in += n
+        else:
+            self.conn.bytes_out += n
+        self.seen()
+
+    def closed(self, direction: str) -> None:
+        """`direction` finished with EOF. The first one starts the half-close clock."""
+        self.open_directions -= 1
+        if self.open_directions == 1 and self.half_window != math.inf:
+            self.half.deadline = trio.current_time() + self.half_window
+
+    async def warn_when_idle(self) -> None:
+        """keepalive = "extended": log one warning when the grace period starts."""
+        while (due := self.conn.last_activity + self.warn_after) > trio.current_time():
+            await trio.sleep_until(due)
+        log.warning(
+            "connection %d idle for %.0fs (keepalive extended): closing after a grace period of %.0fs unless traffic resumes",
+            self.conn.id, self.warn_after, self.window - self.warn_after,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def traffic_scopes(conn: Connection, policy: Policy) -> Iterator[Traffic]:
+    """The inactivity and half-close scopes; leaving them by a deadline ends the connection."""
+    with trio.CancelScope() as idle, trio.CancelScope() as half:
+        traffic = Traffic(conn, idle, half, policy)
+        traffic.seen()
+        yield traffic
+    if half.cancelled_caught:
+        raise ConnectionEnded(Reason.HALF_CLOSE_TIMEOUT)
+    if idle.cancelled_caught:
+        raise ConnectionEnded(Reason.INACTIVITY_TIMEOUT)
+
+
+async def pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream, traffic: Traffic, direction: str) -> None:
+    """Copy src to dst until EOF, then pass the EOF on as a write shutdown."""
+    src_failed, dst_failed = _RESET[direction]
+    while True:
+        with _failure_means(src_failed):
+            data = await src.receive_some(RECEIVE_SIZE)
+        if not data:
+            break
+        traffic.seen()
+        with _failure_means(dst_failed):
+            await dst.send_all(data)
+        traffic.moved(direction, len(data))
+    with _failure_means(dst_failed):
+        await dst.send_eof()
+    traffic.closed(direction)
+
+
+async def relay(
+    conn: Connection, client: trio.SocketStream, target: trio.SocketStream, policy: Policy, initial: bytes = b""
+) -> None:
+    """Bytes both ways until both directions are done, with `initial` sent to the target first."""
+    with traffic_scopes(conn, policy) as traffic:
+        if initial:
+            with _failure_means(Reason.TARGET_RESET):
+                await target.send_all(initial)
+            traffic.moved(IN, len(initial))
+        await run_watched(
+            traffic,
+            lambda: pump(client, target, traffic, IN),
+            lambda: pump(target, client, traffic, OUT),
+        )
+
+
+async def run_watched(traffic: Traffic, *jobs: Callable[[], Awaitable[object]]) -> None:
+    """Run `jobs` side by side; with keepalive "extended", warn once when the grace period starts."""
+    if traffic.warn_after == math.inf:
+        await _together(jobs)
+        return
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(traffic.warn_when_idle)
+        await _together(jobs)
+        nursery.cancel_scope.cancel()  # the work is done; the warning has nothing left to watch
+
+
+async def _together(jobs: Sequence[Callable[[], Awaitable[object]]]) -> None:
+    async with trio.open_nursery() as nursery:
+        for job in jobs:
+            nursery.start_soon(job)
+
+
+class TrafficStream(trio.abc.HalfCloseableStream):
+    """The client stream as a handler sees it: counted, timed, errors mapped to client_reset.
+
+    Bytes already read from the client (a ClientHello, say) come out first.
+    """
+
+    def __init__(self, stream: trio.SocketStream, traffic: Traffic, initial: bytes = b"") -> None:
+        self.stream = stream
+        self.traffic = traffic
+        self._initial = initial
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self.stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._initial:
+            size = len(self._initial) if max_bytes is None else max_bytes
+            data, self._initial = self._initial[:size], self._initial[size:]
+            await trio.lowlevel.checkpoint()
+        else:
+            with _failure_means(Reason.CLIENT_RESET):
+                data = await self.stream.receive_some(max_bytes)
+        if data:
+            self.traffic.moved(IN, len(data))
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with _failure_means(Reason.CLIENT_RESET):
+            await self.stream.send_all(data)
+        self.traffic.moved(OUT, len(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        with _failure_means(Reason.CLIENT_RESET):
+            await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

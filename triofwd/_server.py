@@ -1,0 +1,279 @@
+"""serve() and the Forwarder handle: listeners, the connection table, reload, drain, shutdown.
+
+Two nurseries, as in hypercorn's trio worker: listeners in an inner one, connections
+in an outer one. Stopping is: cancel the listeners, then give the outer nursery a
+deadline of `shutdown_grace`; whatever is still open then is cancelled and records
+`shutdown`. Embedding code that cancels the nursery around serve() gets the same end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import itertools
+import logging
+import types
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+import trio
+
+from ._accesslog import AccessLog
+from ._balance import Balancer
+from ._config import Config
+from ._connection import Connection, run_connection
+from ._dial import format_address
+from ._limits import Gate
+from ._reasons import Reason
+from ._table import CompiledRoute, ListenKey, RouteTable, compile_table
+from ._stats import Stats
+
+__all__ = ["Forwarder", "ListenError", "serve"]
+
+log = logging.getLogger("triofwd")
+
+# accept() errors that mean "out of a resource right now" (trio's serve_listeners uses
+# the same set): back off instead of spinning on a listener that stays readable.
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_BACKOFF = 0.1
+
+
+class ListenError(OSError):
+    """A listen address that cannot be bound (in use, not permitted, not local)."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Listener:
+    key: ListenKey
+    address: str
+    scope: trio.CancelScope
+
+
+class Forwarder:
+    """The handle serve() gives back: the live connection table and the controls.
+
+    Read `connections` (a live read-only mapping of id -> Connection), `stats()`,
+    `addresses`; call `reload(config)`, `drain()`, `shutdown()`.
+    """
+
+    def __init__(self, table: RouteTable, connections: trio.Nursery, listening: trio.Nursery, access_log: AccessLog | None) -> None:
+        self._table = table
+        self._connection_nursery = connections
+        self._listening = listening
+        self._access_log = access_log
+        self._connections: dict[int, Connection] = {}
+        self._listeners: dict[ListenKey, list[_Listener]] = {}
+        self._ids = itertools.count(1)
+        self._gate = Gate(table.limits)
+        self._route_gates: dict[str, Gate] = {}
+        self._balancers: dict[str, Balancer] = {}
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+        self._grace: float | None = None
+        self.draining = False
+        self.stats_counters = Stats()
+        self.connections: Mapping[int, Connection] = types.MappingProxyType(self._connections)
+
+    # -- what embedders and the control socket read ------------------------------------
+
+    @property
+    def table(self) -> RouteTable:
+        return self._table
+
+    @property
+    def config(self) -> Config:
+        return self._table.config
+
+    @property
+    def addresses(self) -> dict[str, list[str]]:
+        """Route name -> the "ip:port" addresses it is listening on now."""
+        out: dict[str, list[str]] = {}
+        for key, listeners in self._listeners.items():
+            for route in self._table.by_listener.get(key, ()):
+                out.setdefault(route.name, []).extend(l.address for l in listeners)
+        return out
+
+    @property
+    def stopping(self) -> bool:
+        """shutdown() was called (or a signal asked for it)."""
+        return self._stop.is_set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until serve() has closed every listener and connection."""
+        await self._stopped.wait()
+
+    def stats(self) -> dict[str, Any]:
+        return self.stats_counters.snapshot(self._connections.values())
+
+    # -- controls --------------------------------------------------------------------
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting; let open connections run for `grace` (default shutdown_grace), then cancel them."""
+        if grace is not None:
+            self._grace = grace if self._grace is None else min(grace, self._grace)
+            # Already stopping: a shorter grace takes effect at once.
+            if self._stop.is_set():
+                self._connection_nursery.cancel_scope.deadline = trio.current_time() + self._grace
+        self._stop.set()
+
+    def drain(self) -> None:
+        """Stop accepting (listeners closed, ports released); open connections go on."""
+        self.draining = True
+        for listeners in self._listeners.values():
+            for listener in listeners:
+                listener.scope.cancel()
+
+    async def reload(self, config: Config) -> dict[str, list[str]]:
+        """Swap in a new route table; open connections keep the route they started on.
+
+        The new table is compiled and its new ports bound before anything changes, so a
+        bad file or a busy port raises (ConfigError, ListenError) and the old table stays.
+        Returns the names of the routes added, removed and changed.
+        """
+        table = compile_table(config)
+        old = self._table
+        new_keys = [] if self.draining else [k for k in table.by_listener if k not in self._listeners]
+        opened = await _bind_all(new_keys)  # raises before anything has changed
+        self._table = table
+        self._gate.update(table.limits)
+        for route in table.routes:
+            prior = old.route(route.name)
+            if route.name in self._route_gates:
+                self._route_gates[route.name].update(route.limits)
+            if prior is None or prior.targets != route.targets or prior.balance != route.balance:
+                self._balancers.pop(route.name, None)
+        self._listen(opened)
+        for key in [k for k in self._listeners if k not in table.by_listener]:
+            for listener in self._listeners.pop(key):
+                listener.scope.cancel()
+        before = {r.name: r.spec for r in old.routes}
+        after = {r.name: r.spec for r in table.routes}
+        change = {
+            "added": sorted(after.keys() - before.keys()),
+            "removed": sorted(before.keys() - after.keys()),
+            "changed": sorted(n for n in before.keys() & after.keys() if before[n] != after[n]),
+        }
+        log.info("reloaded: %d routes (added %s, removed %s, changed %s)", len(table.routes),
+                 change["added"], change["removed"], change["changed"])  # fmt: skip
+        return change
+
+    # -- internals used by the connection task ----------------------------------------
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+    def _route_gate(self, route: CompiledRoute) -> Gate:
+        gate = self._route_gates.get(route.name)
+        if gate is None:
+            gate = self._route_gates[route.name] = Gate(route.limits)
+        return gate
+
+    def _balancer(self, route: CompiledRoute) -> Balancer:
+        balancer = self._balancers.get(route.name)
+        if balancer is None:
+            balancer = self._balancers[route.name] = Balancer(route.targets, route.balance)
+        return balancer
+
+    @contextlib.contextmanager
+    def _tracked(self, conn: Connection) -> Iterator[None]:
+        """The connection is in the table while the block runs; leaving it records the end.
+
+        This is the one place where a connection's end is recorded: reason, stats,
+        access log — on every path out of the connection task.
+        """
+        self.stats_counters.accepted += 1
+        self._connections[conn.id] = conn
+        try:
+            yield
+        finally:
+            del self._connections[conn.id]
+            conn.settle(Reason.NORMAL)
+            conn.state = "closed"
+            self.stats_counters.record(conn)
+            if self._access_log is not None:
+                self._access_log.write(conn, ended=conn.started + conn.age(), duration=conn.age())
+
+    def _listen(self, opened: dict[ListenKey, list[trio.SocketListener]]) -> None:
+        """Hand each bound socket to an accept task; registered at once, so `addresses` is true on return."""
+        for key, sockets in opened.items():
+            for sock in sockets:
+                entry = _Listener(key, format_address(sock.socket.getsockname()), trio.CancelScope())
+                self._listeners.setdefault(key, []).append(entry)
+                self._listening.start_soon(self._accept_loop, entry, sock)
+
+    async def _accept_loop(self, entry: _Listener, listener: trio.SocketListener) -> None:
+        failures = 0
+        try:
+            with entry.scope:
+                async with listener:
+                    while True:
+                        try:
+                            stream = await listener.accept()
+                        except OSError as exc:
+                            # Out of fds or memory: the pending connection stays queued and the
+                            # socket stays readable, so back off; one warning per burst.
+                            self.stats_counters.accept_errors += 1
+                            if not failures:
+                                log.warning("accept on %s failed: %s; backing off", entry.address, exc.strerror or exc)
+                            failures += 1
+                            await trio.sleep(ACCEPT_BACKOFF if exc.errno in ACCEPT_CAPACITY_ERRNOS else 0)
+                            continue
+                        if failures:
+                            log.warning("accept on %s works again after %d failures", entry.address, failures)
+                            failures = 0
+                        self._connection_nursery.start_soon(run_connection, self, stream, entry.key)
+        finally:
+            entries = self._listeners.get(entry.key, [])
+            if entry in entries:
+                entries.remove(entry)
+                if not entries:
+                    del self._listeners[entry.key]
+
+
+async def _bind_all(keys: list[ListenKey]) -> dict[ListenKey, list[trio.SocketListener]]:
+    """Bind every key or none: on the first failure, close what was opened and raise ListenError."""
+    opened: dict[ListenKey, list[trio.SocketListener]] = {}
+    try:
+        for key in keys:
+            bind, port, _ = key
+            try:
+                opened[key] = await trio.open_tcp_listeners(port, host=bind)
+            except OSError as exc:
+                raise ListenError(exc.errno, f"cannot listen on {format_address((bind, port))}: {exc.strerror or exc}") from None
+    except BaseException:
+        for sockets in opened.values():
+            for sock in sockets:
+                sock.socket.close()
+        raise
+    return opened
+
+
+async def serve(
+    config: Config,
+    *,
+    access_log: IO[str] | None = None,
+    task_status: trio.TaskStatus[Forwarder] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the forwarder for `config` until cancelled or shut down.
+
+    Use with `nursery.start(serve, config)`: it returns the Forwarder once every port is
+    bound; a bad config (ConfigError) or an unbindable port (ListenError) is raised to
+    the caller instead. Cancelling the surrounding scope closes every connection
+    (reason `shutdown`).
+    """
+    table = compile_table(config)
+    opened = await _bind_all(list(table.by_listener))
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as listening:
+            fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None)
+            fwd._listen(opened)
+            log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
+            task_status.started(fwd)
+            await fwd._stop.wait()
+            log.info("shutting down: %d connections open", len(fwd._connections))
+            listening.cancel_scope.cancel()
+        grace = fwd._grace if fwd._grace is not None else fwd._table.shutdown_grace
+        connections.cancel_scope.deadline = trio.current_time() + grace
+    log.info("stopped")
+    fwd._stopped.set()

@@ -1,0 +1,339 @@
+"""The route table: a Config compiled into what the accept path needs, and matching.
+
+Pure code: no sockets, no trio. `compile_table` is where every semantic check of a
+route file lives (durations, CIDRs, targets, handlers, cross-route rules), so a file
+that `triofwd check` accepts is one `serve` can run, and a Config built in code gets
+the same checks. `RouteTable.match` picks the route for one connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import ipaddress
+import math
+import pathlib
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ._config import ROUTE_OVERRIDES, Config, ConfigError, Route, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
+from ._reasons import Reason
+
+__all__ = ["CompiledRoute", "ListenKey", "Policy", "RouteTable", "compile_table"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# (bind address, port, owner). owner is "" for a port shared by every route that names
+# it; for port 0 it is the route's name, because each such route gets its own
+# ephemeral port (what tests and embedders use).
+ListenKey = tuple[str, int, str]
+
+# Route names appear in logs, metric labels and (offload) nftables rules: keep them plain.
+ROUTE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+
+# Keys that belong to later features: accepted by the parser so that a route file can
+# be written today, but refused here with a clear message rather than silently ignored.
+_NOT_YET = "is not supported yet"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Policy:
+    """A route's effective timeouts and keepalive treatment, in seconds (math.inf = off)."""
+
+    connect_timeout: float
+    initial_data_timeout: float
+    inactivity_timeout: float
+    half_close_timeout: float
+    max_lifetime: float
+    keepalive: str
+    keepalive_multiplier: int
+    tcp_keepalive: float
+
+    @property
+    def idle_warning_after(self) -> float:
+        """extended keepalive: idle this long, a warning is logged and the grace period starts."""
+        if self.keepalive != "extended":
+            return math.inf
+        return self.inactivity_timeout * self.keepalive_multiplier
+
+    @property
+    def idle_window(self) -> float:
+        """How long a connection may go without a byte in either direction."""
+        if self.keepalive == "immortal":
+            return math.inf
+        if self.keepalive == "extended":
+            # One grace period of the plain inactivity_timeout after the warning.
+            return self.idle_warning_after + self.inactivity_timeout
+        return self.inactivity_timeout
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Connection limits; 0 / None mean off."""
+
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    connection_rate_per_ip: tuple[int, float] | None = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.max_connections or self.max_connections_per_ip or self.connection_rate_per_ip)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, slots=True)
+class CompiledRoute:
+    """One route, checked and ready for the accept path."""
+
+    name: str
+    index: int
+    priority: int
+    bind: str
+    ports: tuple[int, ...]
+    domains: tuple[str, ...]
+    client_ips: tuple[IPNetwork, ...]
+    block_ips: tuple[IPNetwork, ...]
+    action: str
+    targets: tuple[tuple[str, int], ...]
+    balance: str
+    connect_retries: int
+    handler: Callable[..., Any] | None
+    policy: Policy
+    limits: Limits  # this route's own limits, where it overrides [settings]
+    spec: Route  # as written, for the inspector and for reload diffs
+
+    def listen_keys(self) -> list[ListenKey]:
+        if self.ports == (0,):
+            return [(self.bind, 0, self.name)]
+        return [(self.bind, port, "") for port in self.ports]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RouteTable:
+    """Compiled routes, grouped by the listener they arrive on."""
+
+    routes: tuple[CompiledRoute, ...]
+    by_listener: dict[ListenKey, tuple[CompiledRoute, ...]]
+    policy: Policy  # [settings], for connections not (yet) on a route
+    limits: Limits  # process-wide
+    shutdown_grace: float
+    config: Config
+
+    def route(self, name: str) -> CompiledRoute | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+    def needs_initial_data(self, key: ListenKey) -> bool:
+        """Whether connections on this listener must send their first bytes before routing."""
+        return any(r.domains for r in self.by_listener.get(key, ()))
+
+    def match(self, key: ListenKey, client_ip: str, sni: str | None = None) -> CompiledRoute | Reason:
+        """The route for a connection, or the reason there is none.
+
+        Routes are tried by priority (higher first), then file order. A route whose
+        `client_ips` does not include the client, or whose `domains` do not match, is
+        skipped. A route that matches but lists the client in `block_ips` ends the
+        connection with `ip_blocked`. Nothing left: `ip_blocked` if an allow list turned
+        the client away, else `no_route`.
+        """
+        ip = client_address(client_ip)
+        turned_away = False
+        for route in self.by_listener.get(key, ()):
+            if route.domains and not (sni and any(domain_matches(p, sni) for p in route.domains)):
+                continue
+            if route.client_ips and not _in_any(ip, route.client_ips):
+                turned_away = True
+                continue
+            if _in_any(ip, route.block_ips):
+                return Reason.IP_BLOCKED
+            return route
+        return Reason.IP_BLOCKED if turned_away else Reason.NO_ROUTE
+
+
+def client_address(text: str) -> IPAddress:
+    """The client's address, with IPv4-mapped IPv6 (dual-stack "::" listeners) unwrapped."""
+    ip = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _in_any(ip: IPAddress, networks: Iterable[IPNetwork]) -> bool:
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+def domain_matches(pattern: str, name: str) -> bool:
+    """SNI pattern match: exact ("example.com") or one-label wildcard ("*.example.com").
+
+    As in certificates (RFC 6125 6.4.3), "*" stands for exactly one label, so
+    "*.example.com" matches "a.example.com" but neither "example.com" nor "a.b.example.com".
+    """
+    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        head, dot, rest = name.partition(".")
+        return bool(head) and bool(dot) and rest == pattern[2:]
+    return pattern == name
+
+
+# -- compiling ------------------------------------------------------------------------
+
+
+class _Errors:
+    """Collects "message - at `$.path`" lines, the msgspec form, so all errors read alike."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.lines.append(f"{message} - at `{path}`")
+
+    def parse(self, path: str, parser: Callable[[Any], Any], value: Any, default: Any = None) -> Any:
+        try:
+            return parser(value)
+        except ValueError as exc:
+            self.add(path, str(exc))
+            return default
+
+
+def _policy(errors: _Errors, path: str, values: dict[str, Any], fallback: Policy | None = None) -> Policy:
+    """Parse the policy keys of `values`; a None value takes `fallback`'s (already parsed) one."""
+    parsed: dict[str, Any] = {}
+    for field in dataclasses.fields(Policy):
+        value = values[field.name]
+        if value is None and fallback is not None:
+            parsed[field.name] = getattr(fallback, field.name)
+        elif field.type == "float":
+            parsed[field.name] = errors.parse(f"{path}.{field.name}", parse_duration, value, math.inf)
+        else:
+            parsed[field.name] = value
+    return Policy(**parsed)
+
+
+def _limits(errors: _Errors, path: str, values: dict[str, Any]) -> Limits:
+    rate = values.get("connection_rate_per_ip")
+    return Limits(
+        max_connections=values.get("max_connections") or 0,
+        max_connections_per_ip=values.get("max_connections_per_ip") or 0,
+        connection_rate_per_ip=None if rate is None else errors.parse(f"{path}.connection_rate_per_ip", parse_rate, rate),
+    )
+
+
+def _resolve_handler(spec: Any, base_dir: pathlib.Path | None) -> Callable[..., Any]:
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError('action = "handler" needs handler = "package.module:function"')
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f'invalid handler {spec!r}: expected "package.module:function"')
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # an import runs arbitrary code: report any failure as a config error
+        raise ValueError(f"cannot import handler module {module_name!r}: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if not callable(obj):
+        raise ValueError(f"handler {spec!r} is not a callable in {module_name!r}")
+    return obj
+
+
+def _check_not_yet(errors: _Errors, path: str, route: Route) -> None:
+    """Keys whose features are not built yet: refuse them by name, never ignore them."""
+    if route.action in ("bridge", "offload"):
+        errors.add(f"{path}.action", f'action = "{route.action}" {_NOT_YET}')
+    if route.proxy_protocol:
+        errors.add(f"{path}.proxy_protocol", f"proxy_protocol {_NOT_YET}")
+    if route.accept_proxy_protocol:
+        errors.add(f"{path}.accept_proxy_protocol", f"accept_proxy_protocol {_NOT_YET}")
+    if route.tls is not None:
+        errors.add(f"{path}.tls", f"tls {_NOT_YET}")
+    if route.warm:
+        errors.add(f"{path}.warm", f"warm {_NOT_YET}")
+    if route.health_check is not None:
+        errors.add(f"{path}.health_check", f"health_check {_NOT_YET}")
+    if route.offload_fallback:
+        errors.add(f"{path}.offload_fallback", f"offload_fallback {_NOT_YET}")
+    if route.preserve_source_ip:
+        errors.add(f"{path}.preserve_source_ip", f"preserve_source_ip {_NOT_YET}")
+
+
+def compile_table(config: Config, base_dir: pathlib.Path | None = None) -> RouteTable:
+    """Check a Config and build its route table; raise ConfigError listing every problem."""
+    errors = _Errors()
+    settings = config.settings
+    base = {key: getattr(settings, key) for key in ROUTE_OVERRIDES}
+    policy = _policy(errors, "$.settings", base)
+    limits = _limits(errors, "$.settings", base)
+    grace = errors.parse("$.settings.shutdown_grace", parse_duration, settings.shutdown_grace, 0.0)
+    grace = 0.0 if grace == math.inf else grace  # "0": no grace period, close at once
+    for i, cidr in enumerate(settings.trusted_proxies):
+        errors.parse(f"$.settings.trusted_proxies[{i}]", parse_cidr, cidr)
+    if settings.trusted_proxies:
+        errors.add("$.settings.trusted_proxies", f"trusted_proxies {_NOT_YET}")
+
+    routes: list[CompiledRoute] = []
+    seen: dict[str, int] = {}
+    for i, route in enumerate(config.routes):
+        path = f"$.routes[{i}]"
+        if not isinstance(route.name, str) or not ROUTE_NAME_RE.match(route.name):
+            errors.add(f"{path}.name", f"invalid route name {route.name!r}: use 1-63 letters, digits, '_', '.' or '-'")
+        elif route.name in seen:
+            errors.add(f"{path}.name", f"duplicate route name {route.name!r} (first at $.routes[{seen[route.name]}])")
+        else:
+            seen[route.name] = i
+        if not route.ports:
+            errors.add(f"{path}.ports", "a route needs at least one port")
+        ports: list[int] = []
+        for j, spec in enumerate(route.ports):
+            if spec == 0 and len(route.ports) > 1:
+                errors.add(f"{path}.ports[{j}]", "port 0 (an ephemeral port) must be the route's only port")
+            ports.extend(errors.parse(f"{path}.ports[{j}]", parse_ports, spec, range(0)))
+        try:
+            ipaddress.ip_address(route.bind)
+        except ValueError:
+            errors.add(f"{path}.bind", f"invalid bind address {route.bind!r}: expected an IP address such as 0.0.0.0 or ::")
+        client_ips = tuple(errors.parse(f"{path}.client_ips[{j}]", parse_cidr, c) for c in route.client_ips)
+        block_ips = tuple(errors.parse(f"{path}.block_ips[{j}]", parse_cidr, c) for c in route.block_ips)
+        targets = tuple(errors.parse(f"{path}.targets[{j}]", parse_target, t) for t in route.targets)
+        if route.action == "forward" and not route.targets:
+            errors.add(f"{path}.targets", 'action = "forward" needs at least one target')
+        for j, pattern in enumerate(route.domains):
+            if not re.match(r"^(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$", pattern):
+                errors.add(f"{path}.domains[{j}]", f"invalid domain pattern {pattern!r}: expected name.example or *.name.example")
+        handler = None
+        if route.action == "handler":
+            handler = errors.parse(f"{path}.handler", lambda h: _resolve_handler(h, base_dir), route.handler)
+        elif route.handler:
+            errors.add(f"{path}.handler", 'handler is only used with action = "handler"')
+        _check_not_yet(errors, path, route)
+        own = {key: getattr(route, key) for key in ROUTE_OVERRIDES}
+        routes.append(
+            CompiledRoute(
+                name=route.name,
+                index=i,
+                priority=route.priority,
+                bind=route.bind,
+                ports=tuple(ports),
+                domains=tuple(d.lower().rstrip(".") for d in route.domains),
+                client_ips=client_ips,
+                block_ips=block_ips,
+                action=route.action,
+                targets=targets,
+                balance=route.balance,
+                connect_retries=route.connect_retries,
+                handler=handler,
+                policy=_policy(errors, path, own, fallback=policy),
+                limits=_limits(errors, path, own),
+                spec=route,
+            )
+        )
+    if errors.lines:
+        raise ConfigError(errors.lines)
+
+    by_listener: dict[ListenKey, list[CompiledRoute]] = {}
+    for route in routes:
+        for key in route.listen_keys():
+            by_listener.setdefault(key, []).append(route)
+    ordered = {k: tuple(sorted(v, key=lambda r: (-r.priority, r.index))) for k, v in by_listener.items()}
+    return RouteTable(tuple(routes), ordered, policy, limits, grace, config)
