@@ -1,0 +1,208 @@
+"""Shared test helpers: backends, an embedded forwarder, and the real daemon as a subprocess.
+
+Everything listens on 127.0.0.1 with port 0. Every helper is bounded in time and
+cleans up what it started (processes by pid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import trio
+
+import triofwd
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+def route(name: str = "r", **kw: Any) -> triofwd.Route:
+    """A route on an ephemeral 127.0.0.1 port."""
+    kw.setdefault("ports", [0])
+    kw.setdefault("bind", "127.0.0.1")
+    return triofwd.Route(name=name, **kw)
+
+
+def config(*routes: triofwd.Route, **settings: Any) -> triofwd.Config:
+    return triofwd.Config(settings=triofwd.Settings(**settings), routes=list(routes))
+
+
+def split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@contextlib.asynccontextmanager
+async def backend(handler: Handler) -> AsyncIterator[str]:
+    """A TCP server on 127.0.0.1 running `handler` per connection; yields "127.0.0.1:port"."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        host, port = listeners[0].socket.getsockname()[:2]
+        yield f"{host}:{port}"
+        nursery.cancel_scope.cancel()
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then close (passing the half-close back)."""
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            async for data in stream:
+                await stream.send_all(data)
+            await stream.send_eof()
+
+
+@contextlib.asynccontextmanager
+async def forwarder(cfg: triofwd.Config, **kw: Any) -> AsyncIterator[triofwd.Forwarder]:
+    """The real serve() in this test's nursery; cancelled (every connection closed) on exit."""
+    async with trio.open_nursery() as nursery:
+        fwd = await nursery.start(lambda task_status: triofwd.serve(cfg, task_status=task_status, **kw))
+        yield fwd
+        nursery.cancel_scope.cancel()
+
+
+async def connect(fwd: triofwd.Forwarder, name: str = "r") -> trio.SocketStream:
+    return await trio.open_tcp_stream(*split(fwd.addresses[name][0]))
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        data = await stream.receive_some(n - len(buf))
+        if not data:
+            break
+        buf += data
+    return bytes(buf)
+
+
+async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything until EOF (a reset counts as the end too)."""
+    buf = bytearray()
+    with contextlib.suppress(trio.BrokenResourceError):
+        async for data in stream:
+            buf += data
+    return bytes(buf)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a condition that has no event to await (another process's state, the kernel's)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+class AccessLogCapture:
+    """An in-memory access log for embedded forwarders: one dict per ended connection."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.changed = trio.Event()
+
+    def write(self, text: str) -> int:
+        self.lines.extend(line for line in text.splitlines() if line)
+        self.changed.set()
+        self.changed = trio.Event()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+    async def wait(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        with trio.fail_after(timeout):
+            while len(self.lines) < count:
+                await self.changed.wait()
+        return self.records
+
+
+def open_fds(pid: int | str = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Daemon:
+    """`triofwd serve` as a real subprocess, JSON logs on stderr, stopped by pid."""
+
+    def __init__(self, routefile: pathlib.Path, *args: str, env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> None:
+        self.routefile = routefile
+        self.access_log = routefile.with_suffix(".access.jsonl")
+        self.stderr_path = routefile.with_suffix(".stderr")
+        self._stderr = open(self.stderr_path, "w+b")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "triofwd", "serve", str(routefile), "--log-format", "json", "--access-log", str(self.access_log), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, cwd=REPO, env=env, preexec_fn=preexec_fn)
+        self.listeners: dict[str, list[str]] = {}
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stderr_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def wait_log(self, msg: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [entry for entry in self.logs() if entry.get("msg", "").startswith(msg)]
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.stderr_path.read_text()}")
+            time.sleep(0.02)
+        raise AssertionError(f"no {msg!r} log line within {timeout}s: {self.stderr_path.read_text()}")
+
+    def wait_ready(self) -> Daemon:
+        self.listeners = self.wait_log("ready")[-1]["listeners"]
+        return self
+
+    def address(self, name: str) -> tuple[str, int]:
+        return split(self.listeners[name][0])
+
+    def access_records(self) -> list[dict[str, Any]]:
+        if not self.access_log.exists():
+            return []
+        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line]
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._stderr.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: pathlib.Path) -> Iterator[Callable[..., Daemon]]:
+    """Start `triofwd serve` on a route file's text; every daemon is killed by pid at teardown."""
+    started: list[Daemon] = []
+
+    def start(text: str, *args: str, suffix: str = ".toml", ready: bool = True, **kw: Any) -> Daemon:
+        path = tmp_path / f"routes{len(started)}{suffix}"
+        path.write_text(text)
+        d = Daemon(path, *args, **kw)
+        started.append(d)
+        return d.wait_ready() if ready else d
+
+    yield start
+    for d in started:
+        d.stop()
