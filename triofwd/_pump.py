@@ -75,7 +75,11 @@ class Traffic:
         self.seen()
 
     def closed(self, direction: str) -> None:
-        """`direction` finished with EOF. The first one starts the half-close clock."""
+        """`direction` finished with EOF. The first one starts the half-close clock.
+
+        An EOF is a packet from a live peer, so it counts as activity too.
+        """
+        self.seen()
         self.open_directions -= 1
         if self.open_directions == 1 and self.half_window != math.inf:
             self.half.deadline = trio.current_time() + self.half_window
