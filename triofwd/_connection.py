@@ -49,6 +49,7 @@ class Connection:
     id: int
     client: str  # "ip:port"
     client_ip: str
+    client_port: int
     listener: ListenKey
     started: float  # wall clock (time.time()), for logs
     opened: float  # trio clock, for ages and deadlines
@@ -105,14 +106,14 @@ def set_tcp_keepalive(stream: trio.SocketStream, idle: float) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
-async def run_connection(fwd: Forwarder, stream: trio.SocketStream, listener: ListenKey) -> None:
+async def run_connection(fwd: Forwarder, stream: trio.SocketStream, peer: tuple[Any, ...], listener: ListenKey) -> None:
     """The whole life of one accepted connection. Never raises but Cancelled."""
-    peer = stream.socket.getpeername()
     now = trio.current_time()
     conn = Connection(
         id=fwd._next_id(),
         client=format_address(peer),
         client_ip=str(peer[0]),
+        client_port=int(peer[1]),
         listener=listener,
         started=time.time(),
         opened=now,
@@ -171,8 +172,7 @@ async def _handle(fwd: Forwarder, conn: Connection, client: trio.SocketStream, r
     assert route.handler is not None  # compile_table guarantees it for action = "handler"
     handler = route.handler
     local = client.socket.getsockname()
-    peer = client.socket.getpeername()
-    info = HandlerInfo(conn.id, route.name, (str(peer[0]), peer[1]), (str(local[0]), local[1]))
+    info = HandlerInfo(conn.id, route.name, (conn.client_ip, conn.client_port), (str(local[0]), local[1]))
     set_tcp_keepalive(client, route.policy.tcp_keepalive)
     conn.state = "handler"
     with traffic_scopes(conn, route.policy) as traffic:

@@ -34,9 +34,12 @@ __all__ = ["Forwarder", "ListenError", "serve"]
 log = logging.getLogger("triofwd")
 
 # accept() errors that mean "out of a resource right now" (trio's serve_listeners uses
-# the same set): back off instead of spinning on a listener that stays readable.
+# the same set): back off instead of spinning on a listener that stays readable. Any other
+# unexpected accept error is treated the same way rather than ending the listener.
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_BACKOFF = 0.1
+# accept() errors that concern only the connection being accepted (accept(2), "Error handling").
+ACCEPT_IGNORED_ERRNOS = {errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 
 
 class ListenError(OSError):
@@ -209,20 +212,24 @@ class Forwarder:
                 async with listener:
                     while True:
                         try:
-                            stream = await listener.accept()
+                            # The raw accept() gives the peer's address with the socket: a client
+                            # that resets before its task runs cannot make getpeername() fail later.
+                            sock, peer = await listener.socket.accept()
                         except OSError as exc:
+                            if exc.errno in ACCEPT_IGNORED_ERRNOS:
+                                continue  # that one client is gone; nothing wrong with the listener
                             # Out of fds or memory: the pending connection stays queued and the
                             # socket stays readable, so back off; one warning per burst.
                             self.stats_counters.accept_errors += 1
                             if not failures:
                                 log.warning("accept on %s failed: %s; backing off", entry.address, exc.strerror or exc)
                             failures += 1
-                            await trio.sleep(ACCEPT_BACKOFF if exc.errno in ACCEPT_CAPACITY_ERRNOS else 0)
+                            await trio.sleep(ACCEPT_BACKOFF)
                             continue
                         if failures:
                             log.warning("accept on %s works again after %d failures", entry.address, failures)
                             failures = 0
-                        self._connection_nursery.start_soon(run_connection, self, stream, entry.key)
+                        self._connection_nursery.start_soon(run_connection, self, trio.SocketStream(sock), peer, entry.key)
         finally:
             entries = self._listeners.get(entry.key, [])
             if entry in entries:
