@@ -45,6 +45,9 @@ ACCEPT_IGNORED_ERRNOS = {errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.E
 class ListenError(OSError):
     """A listen address that cannot be bound (in use, not permitted, not local)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # one line for people: the errno number is in .errno
+
 
 @dataclasses.dataclass(eq=False)
 class _Listener:

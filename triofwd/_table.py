@@ -293,9 +293,9 @@ def compile_table(config: Config, base_dir: pathlib.Path | None = None) -> Route
             ipaddress.ip_address(route.bind)
         except ValueError:
             errors.add(f"{path}.bind", f"invalid bind address {route.bind!r}: expected an IP address such as 0.0.0.0 or ::")
-        client_ips = tuple(errors.parse(f"{path}.client_ips[{j}]", parse_cidr, c) for c in route.client_ips)
-        block_ips = tuple(errors.parse(f"{path}.block_ips[{j}]", parse_cidr, c) for c in route.block_ips)
-        targets = tuple(errors.parse(f"{path}.targets[{j}]", parse_target, t) for t in route.targets)
+        client_ips = tuple(errors.parse(f"{path}.client_ips[{j}]", parse_cidr, c) for j, c in enumerate(route.client_ips))
+        block_ips = tuple(errors.parse(f"{path}.block_ips[{j}]", parse_cidr, c) for j, c in enumerate(route.block_ips))
+        targets = tuple(errors.parse(f"{path}.targets[{j}]", parse_target, t) for j, t in enumerate(route.targets))
         if route.action == "forward" and not route.targets:
             errors.add(f"{path}.targets", 'action = "forward" needs at least one target')
         for j, pattern in enumerate(route.domains):

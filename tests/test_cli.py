@@ -1,0 +1,242 @@
+"""The real `triofwd serve` process: start-up errors, readiness, signals, EMFILE."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import REPO, Daemon, open_fds
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """A threaded blocking echo server on 127.0.0.1; yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def roundtrip(address: tuple[str, int], payload: bytes = b"ping") -> socket.socket:
+    sock = socket.create_connection(address, timeout=5)
+    sock.sendall(payload)
+    assert sock.recv(len(payload), socket.MSG_WAITALL) == payload
+    return sock
+
+
+def routes(target_port: int, *extra: str) -> str:
+    return "\n".join([
+        "[settings]",
+        'shutdown_grace = "1s"',
+        "[[routes]]",
+        'name = "echo"',
+        "ports = [0]",
+        'bind = "127.0.0.1"',
+        f'targets = ["127.0.0.1:{target_port}"]',
+        *extra,
+    ])  # fmt: skip
+
+
+def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "triofwd", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_an_invalid_route_file_exits_2_with_one_line(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[[routes]]\nname = "x"\nports = [70000]\ntargets = ["127.0.0.1:1"]\n')
+    result = run("serve", str(path))
+    assert result.returncode == 2
+    assert result.stderr == f"triofwd: {path}: Expected `int` <= 65535 - at `$.routes[0].ports[0]`\n"
+
+
+def test_an_unreadable_route_file_exits_2_with_one_line(tmp_path: pathlib.Path) -> None:
+    result = run("serve", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2
+    assert result.stderr == f"triofwd: {tmp_path / 'missing.toml'}: cannot read route file: No such file or directory\n"
+
+
+def test_a_busy_port_exits_2_with_one_line(tmp_path: pathlib.Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        path = tmp_path / "busy.toml"
+        path.write_text(f'[[routes]]\nname = "x"\nports = [{port}]\nbind = "127.0.0.1"\ntargets = ["127.0.0.1:1"]\n')
+        result = run("serve", str(path))
+    assert result.returncode == 2
+    assert result.stderr == f"triofwd: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert "Traceback" not in result.stderr
+
+
+def test_python_dash_m_is_the_same_program(tmp_path: pathlib.Path) -> None:
+    result = run("check", str(REPO / "routes" / "demo.toml"))
+    assert (result.returncode, result.stdout) == (0, "ok: 2 routes\n")
+
+
+def test_ready_is_logged_and_sent_to_systemd(tmp_path: pathlib.Path, daemon) -> None:
+    notify_path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, echo_server() as port:
+        notify.bind(notify_path)
+        notify.settimeout(10)
+        d = daemon(routes(port), env={**os.environ, "NOTIFY_SOCKET": notify_path})
+        assert notify.recv(100) == b"READY=1"
+        roundtrip(d.address("echo")).close()
+    assert list(d.listeners) == ["echo"]
+
+
+def test_sighup_reloads_and_open_connections_keep_running(daemon) -> None:
+    with echo_server() as port:
+        d = daemon(routes(port))
+        old = roundtrip(d.address("echo"))
+        d.routefile.write_text(routes(port) + '\n[[routes]]\nname = "second"\nports = [0]\nbind = "127.0.0.1"\naction = "reject"\n')
+        d.signal(signal.SIGHUP)
+        d.wait_log("reloaded")
+        old.sendall(b"after reload")
+        assert old.recv(12, socket.MSG_WAITALL) == b"after reload"
+        # A bad file: logged, and the old table stays in force.
+        d.routefile.write_text("[[routes]]\nname = 1\n")
+        d.signal(signal.SIGHUP)
+        [failed] = d.wait_log("reload failed")
+        assert "Expected `str`, got `int` - at `$.routes[0].name`" in failed["msg"]
+        roundtrip(d.address("echo")).close()
+        old.close()
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+
+
+def test_sigterm_lets_connections_finish_within_the_grace_then_closes_them(daemon) -> None:
+    with echo_server() as port:
+        d = daemon(routes(port))
+        lingering = roundtrip(d.address("echo"))
+        start = time.monotonic()
+        d.signal(signal.SIGTERM)
+        d.wait_log("shutting down")
+        lingering.sendall(b"grace")  # still forwarded during the grace period
+        assert lingering.recv(5, socket.MSG_WAITALL) == b"grace"
+        assert lingering.recv(1) == b""  # closed by the forwarder when the grace ran out
+        assert d.wait() == 0
+        elapsed = time.monotonic() - start
+    assert [r["reason"] for r in d.access_records()] == ["shutdown"]
+    assert 0.9 <= elapsed < 5
+
+
+def test_sigint_stops_too(daemon) -> None:
+    with echo_server() as port:
+        d = daemon(routes(port))
+        d.signal(signal.SIGINT)
+        assert d.wait() == 0
+
+
+def _limit_fds(n: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
+def test_emfile_backs_off_with_one_warning_per_burst_and_recovers(daemon) -> None:
+    """With few fds, accept() fails with EMFILE; the daemon must neither spin nor flood the log."""
+    with echo_server() as port:
+        d = daemon(routes(port), preexec_fn=_limit_fds(64))
+        spare = 64 - open_fds(d.pid)
+        address = d.address("echo")
+        held = [roundtrip(address) for _ in range(spare // 2)]  # each takes two fds in the daemon
+        extra = [socket.create_connection(address, timeout=5) for _ in range(20)]  # queued, not accepted
+        d.wait_log("accept on")
+        cpu_before = _cpu_seconds(d.pid)
+        time.sleep(1.0)
+        cpu_used = _cpu_seconds(d.pid) - cpu_before
+        warnings = [e for e in d.logs() if e["msg"].startswith("accept on") and "failed" in e["msg"]]
+        assert len(warnings) == 1
+        assert "Too many open files" in warnings[0]["msg"]
+        assert cpu_used < 0.5  # backing off, not spinning on a readable listener
+        for sock in held:
+            sock.close()
+        for sock in extra:  # the queued connections are served once fds are free
+            sock.sendall(b"late")
+            assert sock.recv(4, socket.MSG_WAITALL) == b"late"
+            sock.close()
+        d.wait_log("accept on", count=2)  # "... works again after N failures"
+        assert [e for e in d.logs() if "works again" in e["msg"]]
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_control_and_metrics_are_refused_until_built(tmp_path: pathlib.Path) -> None:
+    result = run("serve", str(REPO / "routes" / "demo.toml"), "--control", str(tmp_path / "c.sock"))
+    assert (result.returncode, result.stderr) == (2, "triofwd: --control is not supported yet\n")
+
+
+UNREACHABLE_SCRIPT = r"""
+import json, sys, trio, triofwd
+
+async def main():
+    routes = [triofwd.Route(name="r", ports=[0], bind="127.0.0.1", targets=["127.0.0.77:80", "127.0.0.77:81"], connect_retries=1)]
+    records = []
+    class Log:
+        def write(self, text): records.extend(json.loads(l) for l in text.splitlines() if l)
+        def flush(self): pass
+    async with trio.open_nursery() as nursery:
+        fwd = await nursery.start(lambda task_status: triofwd.serve(triofwd.Config(routes=routes), access_log=Log(), task_status=task_status))
+        host, port = fwd.addresses["r"][0].rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        with trio.fail_after(5):
+            assert await stream.receive_some() == b""
+            while not records:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    print(json.dumps(records[0]))
+
+trio.run(main)
+"""
+
+
+def test_target_unreachable_in_a_network_namespace(tmp_path: pathlib.Path) -> None:
+    """An `unreachable` route in a namespace of the test's own gives a real EHOSTUNREACH."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a network namespace")
+    script = tmp_path / "unreachable.py"
+    script.write_text(UNREACHABLE_SCRIPT)
+    setup = "ip link set lo up && ip route add unreachable 127.0.0.77/32 table local && exec \"$0\" \"$1\""
+    try:
+        result = subprocess.run(["unshare", "-n", "sh", "-c", setup, sys.executable, str(script)], capture_output=True, text=True, timeout=30, cwd=REPO)
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if result.returncode != 0 and ("Operation not permitted" in result.stderr or "ip: not found" in result.stderr):
+        pytest.skip(f"cannot set up a network namespace here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    record = __import__("json").loads(result.stdout)
+    assert (record["reason"], record["target"]) in {("target_unreachable", "127.0.0.77:80"), ("target_unreachable", "127.0.0.77:81")}
