@@ -210,12 +210,6 @@ def test_update_rate_on_off_and_same() -> None:
     assert gate.limits == Limits()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _limits.py RateLimiter.allow sweeps the whole map on EVERY allowed new key once "
-    "len >= SWEEP_AT; when the buckets are not full again (a flood of distinct addresses within one "
-    "refill period) nothing is removed, so each accept costs O(len): quadratic CPU in the accept path",
-)
 def test_sweep_work_is_amortized_when_nothing_can_be_swept(monkeypatch: pytest.MonkeyPatch) -> None:
     import triofwd._limits as limits_module
 

@@ -372,11 +372,6 @@ def test_compile_reports_errors_without_source() -> None:
     assert info.value.errors[0].endswith("- at `$.routes[0].connect_timeout`")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a Config built in code is not range-checked for int ports: _config.py parse_ports "
-    "returns range(spec, spec + 1) for any int, so compile_table accepts 70000 and -1",
-)
 @pytest.mark.parametrize("port", [70000, -1])
 def test_code_built_config_port_out_of_range_refused(port: int) -> None:
     with pytest.raises(ConfigError) as info:

@@ -32,13 +32,17 @@ class Balancer:
             seq = list(range(n))
         elif self.mode == "random":
             seq = self._rng.sample(range(n), n)
+        elif self.mode == "least-connections":
+            # The least busy first; among equals, take turns, so ties are shared out evenly.
+            fewest = min(self.active)
+            ties = [i for i in range(n) if self.active[i] == fewest]
+            first = ties[self._next % len(ties)]
+            self._next += 1
+            seq = sorted(range(n), key=lambda i: (i != first, self.active[i], (i - first) % n))
         else:
-            # round-robin and least-connections both rotate, so that ties are shared out.
             start = self._next
             self._next = (start + 1) % n
             seq = [(start + i) % n for i in range(n)]
-            if self.mode == "least-connections":
-                seq.sort(key=self.active.__getitem__)  # stable: rotation breaks ties
         return [seq[i % n] for i in range(attempts)]
 
     @contextlib.contextmanager

@@ -174,7 +174,10 @@ def parse_config(data: bytes | str, suffix: str, source: str = "") -> Config:
     try:
         return decode(data, type=Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError([str(exc)], source) from None
+        message = str(exc)
+        if " - at `" not in message:  # msgspec names no path for the top level; we always do
+            message += " - at `$`"
+        raise ConfigError([message], source) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # Syntax errors carry their own position ("line 3, column 1") instead of a path.
         raise ConfigError([f"invalid {suffix.lstrip('.').upper()}: {exc}"], source) from None
@@ -196,7 +199,7 @@ def load_config(path: str | pathlib.Path) -> Config:
         raise ConfigError([f"cannot read route file: {exc.strerror or exc}"], str(path)) from None
     config = parse_config(data, path.suffix, str(path))
     try:
-        compile_table(config, base_dir=path.parent)
+        compile_table(config)
     except ConfigError as exc:
         raise ConfigError(exc.errors, str(path)) from None
     return config
@@ -215,16 +218,17 @@ _RATE_UNITS = {
 
 
 def parse_duration(text: str) -> float:
-    """Seconds for "250ms", "30s", "5m", "4h", "7d"; "0" means off and gives math.inf."""
+    """Seconds for "250ms", "30s", "5m", "4h", "7d"; "0" (or any zero, "0s") means off: math.inf."""
     if text.strip() == "0":
         return math.inf
-    m = _DURATION_RE.match(text.strip())
+    m = _DURATION_RE.fullmatch(text.strip())
     if not m:
         raise ValueError(
             f"invalid duration {text!r}: expected a number and a unit (ms, s, m, h, d), "
             'e.g. "250ms", "30s", "5m", or "0" for off'
         )
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return seconds if seconds > 0 else math.inf  # a zero timeout would end everything at once
 
 
 def parse_rate(text: str) -> tuple[int, float] | None:
@@ -251,7 +255,8 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"invalid CIDR {text!r}: expected an address or address/prefix") from None
 
 
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?$")
+# Used with fullmatch: a "$" would let a final "\n" through.
+_HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
 
 
 def parse_target(text: str) -> tuple[str, int]:
@@ -271,7 +276,7 @@ def parse_target(text: str) -> tuple[str, int]:
             raise ValueError(f"invalid target {text!r}: expected host:port")
         if ":" in host:
             raise ValueError(f"invalid target {text!r}: write an IPv6 target as [address]:port")
-        if not _HOSTNAME_RE.match(host):
+        if not _HOSTNAME_RE.fullmatch(host):
             raise ValueError(f"invalid target {text!r}: {host!r} is not a host name or address")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"invalid target {text!r}: port must be 1-65535")
@@ -281,6 +286,8 @@ def parse_target(text: str) -> tuple[str, int]:
 def parse_ports(spec: int | str) -> range:
     """The listen ports of one `ports` entry: 2222 or "8000-8010"."""
     if isinstance(spec, int):
+        if not 0 <= spec <= 65535:  # a Config built in code has not been through msgspec's check
+            raise ValueError(f"invalid port {spec!r}: expected 0-65535")
         return range(spec, spec + 1)
     lo, _, hi = spec.partition("-")
     first, last = int(lo), int(hi)

@@ -59,6 +59,7 @@ class Connection:
     bytes_in: int = 0  # client -> target
     bytes_out: int = 0  # target -> client
     last_activity: float = 0.0
+    connect_time: float | None = None  # seconds the successful connect to the target took
     reason: Reason | None = None
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope, repr=False)
 
@@ -82,6 +83,22 @@ class Connection:
 
     def idle(self, now: float | None = None) -> float:
         return (trio.current_time() if now is None else now) - self.last_activity
+
+    def describe(self, now: float | None = None) -> dict[str, Any]:
+        """The row the inspector and the watch stream show."""
+        now = trio.current_time() if now is None else now
+        return {
+            "id": self.id,
+            "route": self.route,
+            "client": self.client,
+            "target": self.target,
+            "state": self.state,
+            "age_s": round(self.age(now), 3),
+            "idle_s": round(self.idle(now), 3),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "reason": None if self.reason is None else self.reason.value,
+        }
 
 
 @dataclasses.dataclass(frozen=True)

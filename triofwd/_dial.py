@@ -76,6 +76,7 @@ async def dialed(conn: Connection, route: CompiledRoute, balancer: Balancer) -> 
     for index in balancer.order(1 + route.connect_retries):
         host, port = balancer.targets[index]
         conn.target = format_address((host, port))
+        began = trio.current_time()
         try:
             stream = await _connect(host, port, route.policy.connect_timeout)
         except trio.TooSlowError:
@@ -83,6 +84,7 @@ async def dialed(conn: Connection, route: CompiledRoute, balancer: Balancer) -> 
         except OSError as exc:
             reason = connect_failure(exc)
         else:
+            conn.connect_time = trio.current_time() - began
             conn.target = format_address(stream.socket.getpeername())
             async with stream:
                 with balancer.hold(index):

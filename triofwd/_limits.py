@@ -27,6 +27,7 @@ class RateLimiter:
         self.capacity = float(count)
         self.per_second = count / period
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._sweep_at = SWEEP_AT
 
     def allow(self, key: str, now: float) -> bool:
         tokens, at = self._buckets.get(key, (self.capacity, now))
@@ -35,8 +36,11 @@ class RateLimiter:
             self._buckets[key] = (tokens, now)
             return False
         self._buckets[key] = (tokens - 1.0, now)
-        if len(self._buckets) >= SWEEP_AT:
+        if len(self._buckets) >= self._sweep_at:
             self._sweep(now)
+            # In a flood of new addresses nothing is full yet: wait for the map to double
+            # before sweeping again, so the sweeping costs O(1) per connection, amortized.
+            self._sweep_at = max(SWEEP_AT, 2 * len(self._buckets))
         return True
 
     def _sweep(self, now: float) -> None:

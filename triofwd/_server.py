@@ -38,6 +38,10 @@ log = logging.getLogger("triofwd")
 # unexpected accept error is treated the same way rather than ending the listener.
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_BACKOFF = 0.1
+# A watcher (the control socket's `watch`) that falls this many events behind is dropped,
+# so a slow reader can neither slow the forwarding path nor grow memory without bound.
+WATCH_BUFFER = 1024
+
 # accept() errors that concern only the connection being accepted (accept(2), "Error handling").
 ACCEPT_IGNORED_ERRNOS = {errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 
@@ -76,6 +80,7 @@ class Forwarder:
         self._balancers: dict[str, Balancer] = {}
         self._stop = trio.Event()
         self._stopped = trio.Event()
+        self._watchers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self._grace: float | None = None
         self.draining = False
         self.stats_counters = Stats()
@@ -111,6 +116,32 @@ class Forwarder:
 
     def stats(self) -> dict[str, Any]:
         return self.stats_counters.snapshot(self._connections.values())
+
+    @contextlib.contextmanager
+    def watch(self, buffer: int = WATCH_BUFFER) -> Iterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
+        """A stream of {"event": "open"|"close", ...connection row} while the block runs.
+
+        A watcher that falls `buffer` events behind is dropped: its channel ends early.
+        """
+        send, receive = trio.open_memory_channel[dict[str, Any]](buffer)
+        self._watchers.add(send)
+        try:
+            with receive:
+                yield receive
+        finally:
+            self._watchers.discard(send)
+            send.close()
+
+    def _emit(self, event: str, conn: Connection) -> None:
+        if not self._watchers:
+            return
+        message = {"event": event, **conn.describe()}
+        for send in list(self._watchers):
+            try:
+                send.send_nowait(message)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers.discard(send)  # too slow, or gone: drop it, never wait for it
+                send.close()
 
     # -- controls --------------------------------------------------------------------
 
@@ -190,6 +221,7 @@ class Forwarder:
         """
         self.stats_counters.accepted += 1
         self._connections[conn.id] = conn
+        self._emit("open", conn)
         try:
             yield
         finally:
@@ -197,6 +229,7 @@ class Forwarder:
             conn.settle(Reason.NORMAL)
             conn.state = "closed"
             self.stats_counters.record(conn)
+            self._emit("close", conn)
             if self._access_log is not None:
                 self._access_log.write(conn, ended=conn.started + conn.age(), duration=conn.age())
 

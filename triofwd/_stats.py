@@ -6,18 +6,23 @@ drift from what is open: there is no counter to forget to decrement.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
+import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ["Stats", "UNROUTED"]
+__all__ = ["CONNECT_BUCKETS", "Stats", "UNROUTED"]
 
 # The stats key of connections that ended before a route was chosen (no_route, capacity...).
 UNROUTED = "-"
+
+# Upper bounds (seconds) of the connect-time histogram buckets, Prometheus style.
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclasses.dataclass
@@ -26,6 +31,10 @@ class _Ended:
     bytes_in: int = 0
     bytes_out: int = 0
     reasons: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    # connect_buckets[i]: connects that took <= CONNECT_BUCKETS[i] (not cumulative; the last is +Inf)
+    connect_buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
+    connect_count: int = 0
+    connect_sum: float = 0.0
 
 
 class Stats:
@@ -43,6 +52,10 @@ class Stats:
         ended.bytes_in += conn.bytes_in
         ended.bytes_out += conn.bytes_out
         ended.reasons[str(conn.reason)] += 1
+        if conn.connect_time is not None:
+            ended.connect_buckets[bisect.bisect_left(CONNECT_BUCKETS, conn.connect_time)] += 1
+            ended.connect_count += 1
+            ended.connect_sum += conn.connect_time
 
     def snapshot(self, live: Iterable[Connection]) -> dict[str, Any]:
         """Totals and per-route figures; `live` is the connection table."""
@@ -63,6 +76,11 @@ class Stats:
                 "bytes_in": ended.bytes_in + live_in[name],
                 "bytes_out": ended.bytes_out + live_out[name],
                 "terminations": dict(sorted(ended.reasons.items())),
+                "connect_time": {
+                    "buckets": list(zip((*CONNECT_BUCKETS, float("inf")), itertools.accumulate(ended.connect_buckets))),
+                    "count": ended.connect_count,
+                    "sum": ended.connect_sum,
+                },
             }
         terminations: collections.Counter[str] = collections.Counter()
         for ended in self._ended.values():

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import ipaddress
 import math
-import pathlib
+import types
+import typing
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._config import ROUTE_OVERRIDES, Config, ConfigError, Route, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
+from ._config import ROUTE_OVERRIDES, Config, ConfigError, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
 from ._reasons import Reason
 
 __all__ = ["CompiledRoute", "ListenKey", "Policy", "RouteTable", "compile_table"]
@@ -31,7 +33,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ListenKey = tuple[str, int, str]
 
 # Route names appear in logs, metric labels and (offload) nftables rules: keep them plain.
-ROUTE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+ROUTE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")  # use fullmatch: "$" lets a final "\n" through
+DOMAIN_PATTERN_RE = re.compile(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 # Keys that belong to later features: accepted by the parser so that a route file can
 # be written today, but refused here with a clear message rather than silently ignored.
@@ -218,8 +221,14 @@ def _limits(errors: _Errors, path: str, values: dict[str, Any]) -> Limits:
     )
 
 
-def _resolve_handler(spec: Any, base_dir: pathlib.Path | None) -> Callable[..., Any]:
+def _is_async(obj: Any) -> bool:
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(getattr(obj, "__call__", None))
+
+
+def _resolve_handler(spec: Any) -> Callable[..., Any]:
     if callable(spec):
+        if not _is_async(spec):
+            raise ValueError(f"handler {spec!r} must be an async callable (stream, info)")
         return spec
     if not isinstance(spec, str) or not spec:
         raise ValueError('action = "handler" needs handler = "package.module:function"')
@@ -235,13 +244,35 @@ def _resolve_handler(spec: Any, base_dir: pathlib.Path | None) -> Callable[..., 
         obj = getattr(obj, part, None)
     if not callable(obj):
         raise ValueError(f"handler {spec!r} is not a callable in {module_name!r}")
+    if not _is_async(obj):
+        raise ValueError(f"handler {spec!r} must be an async callable (stream, info)")
     return obj
+
+
+def _check_choices(errors: _Errors, path: str, obj: Route | Settings) -> None:
+    """A Config built in code skips msgspec's decoding: check its fixed-choice keys here too."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for name, hint in hints.items():
+        choices = _literal_choices(hint)
+        value = getattr(obj, name)
+        if choices and value is not None and value not in choices:
+            errors.add(f"{path}.{name}", f"invalid value {value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+def _literal_choices(hint: Any) -> tuple[Any, ...]:
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(c for arg in typing.get_args(hint) for c in _literal_choices(arg))
+    return ()
 
 
 def _check_not_yet(errors: _Errors, path: str, route: Route) -> None:
     """Keys whose features are not built yet: refuse them by name, never ignore them."""
     if route.action in ("bridge", "offload"):
         errors.add(f"{path}.action", f'action = "{route.action}" {_NOT_YET}')
+    if route.bridge_to != "internal":
+        errors.add(f"{path}.bridge_to", f"bridge_to {_NOT_YET}")
     if route.proxy_protocol:
         errors.add(f"{path}.proxy_protocol", f"proxy_protocol {_NOT_YET}")
     if route.accept_proxy_protocol:
@@ -258,11 +289,12 @@ def _check_not_yet(errors: _Errors, path: str, route: Route) -> None:
         errors.add(f"{path}.preserve_source_ip", f"preserve_source_ip {_NOT_YET}")
 
 
-def compile_table(config: Config, base_dir: pathlib.Path | None = None) -> RouteTable:
+def compile_table(config: Config) -> RouteTable:
     """Check a Config and build its route table; raise ConfigError listing every problem."""
     errors = _Errors()
     settings = config.settings
     base = {key: getattr(settings, key) for key in ROUTE_OVERRIDES}
+    _check_choices(errors, "$.settings", settings)
     policy = _policy(errors, "$.settings", base)
     limits = _limits(errors, "$.settings", base)
     grace = errors.parse("$.settings.shutdown_grace", parse_duration, settings.shutdown_grace, 0.0)
@@ -276,7 +308,7 @@ def compile_table(config: Config, base_dir: pathlib.Path | None = None) -> Route
     seen: dict[str, int] = {}
     for i, route in enumerate(config.routes):
         path = f"$.routes[{i}]"
-        if not isinstance(route.name, str) or not ROUTE_NAME_RE.match(route.name):
+        if not isinstance(route.name, str) or not ROUTE_NAME_RE.fullmatch(route.name):
             errors.add(f"{path}.name", f"invalid route name {route.name!r}: use 1-63 letters, digits, '_', '.' or '-'")
         elif route.name in seen:
             errors.add(f"{path}.name", f"duplicate route name {route.name!r} (first at $.routes[{seen[route.name]}])")
@@ -289,21 +321,23 @@ def compile_table(config: Config, base_dir: pathlib.Path | None = None) -> Route
             if spec == 0 and len(route.ports) > 1:
                 errors.add(f"{path}.ports[{j}]", "port 0 (an ephemeral port) must be the route's only port")
             ports.extend(errors.parse(f"{path}.ports[{j}]", parse_ports, spec, range(0)))
+        bind = route.bind
         try:
-            ipaddress.ip_address(route.bind)
+            bind = str(ipaddress.ip_address(route.bind))  # "::0" and "::" are one listener
         except ValueError:
             errors.add(f"{path}.bind", f"invalid bind address {route.bind!r}: expected an IP address such as 0.0.0.0 or ::")
+        _check_choices(errors, path, route)
         client_ips = tuple(errors.parse(f"{path}.client_ips[{j}]", parse_cidr, c) for j, c in enumerate(route.client_ips))
         block_ips = tuple(errors.parse(f"{path}.block_ips[{j}]", parse_cidr, c) for j, c in enumerate(route.block_ips))
         targets = tuple(errors.parse(f"{path}.targets[{j}]", parse_target, t) for j, t in enumerate(route.targets))
         if route.action == "forward" and not route.targets:
             errors.add(f"{path}.targets", 'action = "forward" needs at least one target')
         for j, pattern in enumerate(route.domains):
-            if not re.match(r"^(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$", pattern):
+            if not DOMAIN_PATTERN_RE.fullmatch(pattern):
                 errors.add(f"{path}.domains[{j}]", f"invalid domain pattern {pattern!r}: expected name.example or *.name.example")
         handler = None
         if route.action == "handler":
-            handler = errors.parse(f"{path}.handler", lambda h: _resolve_handler(h, base_dir), route.handler)
+            handler = errors.parse(f"{path}.handler", _resolve_handler, route.handler)
         elif route.handler:
             errors.add(f"{path}.handler", 'handler is only used with action = "handler"')
         _check_not_yet(errors, path, route)
@@ -313,7 +347,7 @@ def compile_table(config: Config, base_dir: pathlib.Path | None = None) -> Route
                 name=route.name,
                 index=i,
                 priority=route.priority,
-                bind=route.bind,
+                bind=bind,
                 ports=tuple(ports),
                 domains=tuple(d.lower().rstrip(".") for d in route.domains),
                 client_ips=client_ips,
