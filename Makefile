@@ -24,6 +24,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Side-by-side benchmark (installs haproxy, nginx, iperf3, wrk, socat and uvloop first).
+bench: $(STAMP)
+	bash tools/bench_setup.sh
+	$(PY) tools/bench.py
+
 check: $(STAMP)
 	@for f in routes/*.toml routes/*.yaml routes/*.json; do [ -e "$$f" ] && $(PY) -m triofwd check "$$f"; done; true
 
