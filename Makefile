@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench check clean
+.PHONY: run test bench check clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ run: $(STAMP)
 	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
 	$(PY) -m triofwd serve routes/demo.toml --access-log -
 
-test: $(STAMP)
+# Kernel-feature tests (nftables in a network namespace) need nft and ip; as root on
+# Debian, install them, otherwise those tests skip with their reason.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { command -v nft && command -v ip; } >/dev/null; then \
+		echo "installing nftables and iproute2 for the kernel tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null || echo "could not install nftables: its tests will skip"; \
+	fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 # Side-by-side benchmark (installs haproxy, nginx, iperf3, wrk, socat and uvloop first).

@@ -364,3 +364,17 @@ async def test_client_reset_and_target_reset_are_told_apart() -> None:
             [_, second] = await log.wait(2)
         hold.set()
     assert (first["reason"], second["reason"]) == ("target_reset", "client_reset")
+
+
+async def test_a_hostname_target_is_resolved_and_happy_eyeballs_finds_the_listening_family() -> None:
+    """localhost resolves to ::1 and 127.0.0.1; the backend listens on 127.0.0.1 only."""
+    log = AccessLogCapture()
+    async with backend(echo) as target:
+        port = target.rsplit(":", 1)[1]
+        async with forwarder(config(route(targets=[f"localhost:{port}"])), access_log=log) as fwd:
+            client = await connect(fwd)
+            await client.send_all(b"named")
+            assert await receive_exactly(client, 5) == b"named"
+            await client.aclose()
+            [record] = await log.wait(1)
+    assert (record["target"], record["reason"]) == (target, "normal")
