@@ -195,11 +195,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_control_and_metrics_are_refused_until_built(tmp_path: pathlib.Path) -> None:
-    result = run("serve", str(REPO / "routes" / "demo.toml"), "--control", str(tmp_path / "c.sock"))
-    assert (result.returncode, result.stderr) == (2, "triofwd: --control is not supported yet\n")
-
-
 UNREACHABLE_SCRIPT = r"""
 import json, sys, trio, triofwd
 

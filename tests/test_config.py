@@ -553,24 +553,18 @@ def test_contract_example_parses_and_later_features_are_refused() -> None:
     assert route.tls == TLS(cert="certs/example.pem", key="certs/example.key")
     assert route.health_check == HealthCheck(send="PING", expect="PONG")
     assert route.keepalive == "extended"
-    # Everything else in the example compiles; health_check and tls are for later.
+    # Everything else in the example compiles (tls passthrough needs no certificate); health_check is for later.
     assert sorted(compile_errors(config)) == [
         "health_check is not supported yet - at `$.routes[0].health_check`",
-        "tls is not supported yet - at `$.routes[0].tls`",
     ]
 
 
 @pytest.mark.parametrize(
     ("keys", "path"),
     [
-        ({"action": '"bridge"'}, "$.routes[0].action"),
         ({"action": '"offload"'}, "$.routes[0].action"),
-        ({"proxy_protocol": '"v1"'}, "$.routes[0].proxy_protocol"),
-        ({"proxy_protocol": '"v2"'}, "$.routes[0].proxy_protocol"),
-        ({"accept_proxy_protocol": "true"}, "$.routes[0].accept_proxy_protocol"),
         ({"warm": "2"}, "$.routes[0].warm"),
         ({"health_check": "{}"}, "$.routes[0].health_check"),
-        ({"tls": '{ mode = "terminate" }'}, "$.routes[0].tls"),
         ({"offload_fallback": '"forward"'}, "$.routes[0].offload_fallback"),
         ({"preserve_source_ip": "true"}, "$.routes[0].preserve_source_ip"),
     ],
@@ -582,41 +576,53 @@ def test_not_yet_supported_route_keys_are_refused(keys: dict[str, str], path: st
     assert errors[0].endswith(f"- at `{path}`")
 
 
-def test_trusted_proxies_refused() -> None:
-    errors = errors_of('[settings]\ntrusted_proxies = ["10.0.0.0/8"]\n' + one_route())
-    assert errors == ["trusted_proxies is not supported yet - at `$.settings.trusted_proxies`"]
-    # And a bad CIDR in it is still reported at its own index.
+def test_trusted_proxies_are_cidrs() -> None:
+    table = compile_table(parse_config('[settings]\ntrusted_proxies = ["10.0.0.0/8"]\n' + one_route(), ".toml"))
+    assert table.is_trusted_proxy("10.1.2.3") and not table.is_trusted_proxy("192.0.2.1")
+    # A bad CIDR in it is reported at its own index.
     errors = errors_of('[settings]\ntrusted_proxies = ["10.0.0.0/8", "bad"]\n')
     assert any(line.endswith("- at `$.settings.trusted_proxies[1]`") for line in errors)
 
 
+def test_accept_proxy_protocol_needs_trusted_proxies() -> None:
+    errors = errors_of(one_route(accept_proxy_protocol="true"))
+    assert errors == ["accept_proxy_protocol needs [settings] trusted_proxies: the addresses allowed to send the header - at `$.routes[0].accept_proxy_protocol`"]
+
+
+@pytest.mark.parametrize(
+    ("route", "expected"),
+    [
+        ('action = "bridge"\n', 'action = "bridge" to the built-in terminator needs [routes.tls] with mode, cert and key - at `$.routes[0].tls`'),
+        ('action = "bridge"\n[routes.tls]\nmode = "passthrough"\n', 'the built-in terminator needs tls.mode = "terminate" or "reencrypt" - at `$.routes[0].tls.mode`'),
+        ('[routes.tls]\nmode = "terminate"\ncert = "c"\nkey = "k"\n', 'tls.mode = "terminate" needs action = "bridge" with bridge_to = "internal" - at `$.routes[0].tls.mode`'),
+        ('action = "bridge"\n[routes.tls]\nmode = "terminate"\n', "tls.cert is needed to terminate TLS - at `$.routes[0].tls.cert`"),
+        ('bridge_to = "127.0.0.1:8443"\n', 'bridge_to is only used with action = "bridge" - at `$.routes[0].bridge_to`'),
+        ('action = "bridge"\nbridge_to = "nowhere"\n', "invalid target 'nowhere': expected host:port - at `$.routes[0].bridge_to`"),
+    ],
+)
+def test_tls_and_bridge_combinations(route: str, expected: str) -> None:
+    text = '[[routes]]\nname = "a"\nports = [1]\ntargets = ["127.0.0.1:2"]\n' + route
+    assert expected in errors_of(text)
+
+
+def test_a_missing_certificate_is_named_at_its_path(tmp_path) -> None:
+    text = f'[[routes]]\nname = "a"\nports = [1]\ntargets = ["127.0.0.1:2"]\naction = "bridge"\n[routes.tls]\nmode = "terminate"\ncert = "{tmp_path}/none.pem"\nkey = "{tmp_path}/none.key"\n'
+    assert errors_of(text) == ["cannot load TLS certificate or key: No such file or directory - at `$.routes[0].tls.cert`"]
+
+
 def test_all_later_features_at_once_are_all_named() -> None:
     errors = errors_of(
-        '[settings]\ntrusted_proxies = ["10.0.0.1"]\n'
-        + one_route(action='"offload"', proxy_protocol='"v2"', accept_proxy_protocol="true", warm="1",
-                    offload_fallback='"forward"', preserve_source_ip="true", health_check="{}")
-        + '[routes.tls]\nmode = "terminate"\n'
-        + '[[routes]]\nname = "b"\nports = [1]\naction = "bridge"\ntargets = ["127.0.0.1:1"]\n'
+        one_route(action='"offload"', warm="1", offload_fallback='"forward"', preserve_source_ip="true", health_check="{}")
     )
     assert all("is not supported yet" in line for line in errors)
     paths = {line.rsplit(" - at ", 1)[1].strip("`") for line in errors}
     assert paths == {
-        "$.settings.trusted_proxies",
         "$.routes[0].action",
-        "$.routes[0].proxy_protocol",
-        "$.routes[0].accept_proxy_protocol",
         "$.routes[0].warm",
         "$.routes[0].offload_fallback",
         "$.routes[0].preserve_source_ip",
         "$.routes[0].health_check",
-        "$.routes[0].tls",
-        "$.routes[1].action",
     }
-
-
-def test_bridge_to_on_forward_route_is_not_silently_ignored() -> None:
-    errors = errors_of(one_route(bridge_to='"127.0.0.1:8443"'))
-    assert any(line.endswith("- at `$.routes[0].bridge_to`") for line in errors)
 
 
 # -- handlers -------------------------------------------------------------------------

@@ -103,18 +103,18 @@ def test_sni_routes_then_fallback() -> None:
         r("wild", domains=["*.example.com"], priority=1),
         r("default"),
     )
-    assert t.needs_initial_data(KEY)
+    assert t.reads_client_hello(KEY)
     assert name_of(t.match(KEY, "10.0.0.1", sni="api.example.com")) == "exact"
     assert name_of(t.match(KEY, "10.0.0.1", sni="WWW.Example.COM.")) == "wild"
     assert name_of(t.match(KEY, "10.0.0.1", sni="example.com")) == "default"
     assert name_of(t.match(KEY, "10.0.0.1")) == "default"
 
 
-def test_needs_initial_data_only_with_domains() -> None:
+def test_reads_client_hello_only_with_domains() -> None:
     t = table(r("plain"), r("other", ports=[9000], domains=["a.example"]))
-    assert not t.needs_initial_data(KEY)
-    assert t.needs_initial_data(("0.0.0.0", 9000, ""))
-    assert not t.needs_initial_data(("0.0.0.0", 1, ""))
+    assert not t.reads_client_hello(KEY)
+    assert t.reads_client_hello(("0.0.0.0", 9000, ""))
+    assert not t.reads_client_hello(("0.0.0.0", 1, ""))
 
 
 def test_domains_are_stored_lowercase_without_trailing_dot() -> None:

@@ -12,7 +12,10 @@
 from __future__ import annotations
 
 from ._config import TLS, Config, ConfigError, HealthCheck, Route, Settings, load_config, parse_config
-from ._connection import Connection, HandlerInfo
+from ._actions import HandlerInfo
+from ._connection import Connection
+from ._control import ControlError, metrics_text, open_control, serve_control
+from ._metrics_http import serve_metrics
 from ._reasons import ConnectionEnded, Reason
 from ._server import Forwarder, ListenError, serve
 
@@ -22,6 +25,7 @@ __all__ = [
     "ConfigError",
     "Connection",
     "ConnectionEnded",
+    "ControlError",
     "Forwarder",
     "HandlerInfo",
     "HealthCheck",
@@ -30,8 +34,12 @@ __all__ = [
     "Route",
     "Settings",
     "load_config",
+    "metrics_text",
+    "open_control",
     "parse_config",
     "serve",
+    "serve_control",
+    "serve_metrics",
 ]
 
 __version__ = "0.1.0"

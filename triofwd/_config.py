@@ -198,11 +198,22 @@ def load_config(path: str | pathlib.Path) -> Config:
     except OSError as exc:
         raise ConfigError([f"cannot read route file: {exc.strerror or exc}"], str(path)) from None
     config = parse_config(data, path.suffix, str(path))
+    _resolve_paths(config, path.parent)
     try:
         compile_table(config)
     except ConfigError as exc:
         raise ConfigError(exc.errors, str(path)) from None
     return config
+
+
+def _resolve_paths(config: Config, base: pathlib.Path) -> None:
+    """Relative certificate paths in a route file are relative to the file's folder."""
+    for route in config.routes:
+        if route.tls is not None:
+            for key in ("cert", "key", "target_ca"):
+                value = getattr(route.tls, key)
+                if value and not pathlib.Path(value).is_absolute():
+                    setattr(route.tls, key, str(base / value))
 
 
 # -- value parsers (pure) -------------------------------------------------------------

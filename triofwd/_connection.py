@@ -15,32 +15,26 @@ through the same exits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import math
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._dial import dialed, format_address
-from ._pump import TrafficStream, relay, run_watched, traffic_scopes
-from ._reasons import ConnectionEnded, Reason
-from ._table import CompiledRoute, ListenKey
+from ._actions import ACTIONS
+from ._dial import format_address
+from ._firstbytes import FirstBytes, read_client_hello, read_proxy_header
+from ._reasons import ConnectionEnded, Reason, deadline_means
+from ._table import CompiledRoute, ListenKey, RouteTable
 
 if TYPE_CHECKING:
     from ._server import Forwarder
 
-__all__ = ["Connection", "HandlerInfo", "run_connection"]
+__all__ = ["Connection", "run_connection"]
 
 log = logging.getLogger("triofwd.connection")
-
-# Kernel keep-alive (tcp_keepalive): probe every IDLE/KEEPALIVE_PROBE_DIVISOR seconds
-# after IDLE seconds of silence, and give up after KEEPALIVE_PROBES unanswered probes.
-KEEPALIVE_PROBE_DIVISOR = 4
-KEEPALIVE_PROBES = 4
-
 
 @dataclasses.dataclass(eq=False)
 class Connection:
@@ -60,6 +54,7 @@ class Connection:
     bytes_out: int = 0  # target -> client
     last_activity: float = 0.0
     connect_time: float | None = None  # seconds the successful connect to the target took
+    local: tuple[str, int] = ("", 0)  # the address the client connected to
     reason: Reason | None = None
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope, repr=False)
 
@@ -101,28 +96,6 @@ class Connection:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class HandlerInfo:
-    """What a handler route's callable learns about its connection."""
-
-    id: int
-    route: str
-    client: tuple[str, int]
-    local: tuple[str, int]
-
-
-def set_tcp_keepalive(stream: trio.SocketStream, idle: float) -> None:
-    """Turn on kernel keep-alive probes, so a peer that vanished is noticed without traffic."""
-    if idle == math.inf:
-        return
-    sock = stream.socket
-    seconds = max(1, int(idle))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, seconds // KEEPALIVE_PROBE_DIVISOR))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
-
-
 async def run_connection(fwd: Forwarder, stream: trio.SocketStream, peer: tuple[Any, ...], listener: ListenKey) -> None:
     """The whole life of one accepted connection. Never raises but Cancelled."""
     now = trio.current_time()
@@ -154,47 +127,46 @@ async def run_connection(fwd: Forwarder, stream: trio.SocketStream, peer: tuple[
 
 async def _serve(fwd: Forwarder, conn: Connection, client: trio.SocketStream, listener: ListenKey) -> None:
     table = fwd._table  # the table at accept time; a reload does not move a live connection
-    needs_first_bytes = table.needs_initial_data(listener)
-    found = None if needs_first_bytes else table.match(listener, conn.client_ip)
+    local = client.socket.getsockname()
+    conn.local = (str(local[0]), int(local[1]))
+    reads = table.reads_first_bytes(listener)
+    found = None if reads else table.match(listener, conn.client_ip)
     if isinstance(found, CompiledRoute):
-        conn.route = found.name
-    with trio.CancelScope(deadline=conn.opened + table.policy.max_lifetime) as lifetime:
-        with fwd._gate.admitted(conn.client_ip, conn.opened):
-            initial = b""
-            if needs_first_bytes:
-                raise ConnectionEnded(Reason.NO_ROUTE, "reading first bytes is not supported yet")
-            if not isinstance(found, CompiledRoute):
-                raise ConnectionEnded(found or Reason.NO_ROUTE)
-            route = found
-            lifetime.deadline = conn.opened + route.policy.max_lifetime
-            with fwd._route_gate(route).admitted(conn.client_ip, conn.opened):
-                await ACTIONS[route.action](fwd, conn, client, route, initial)
+        conn.route = found.name  # known before any limit is checked: refusals are logged on their route
+    first = FirstBytes()
+    with contextlib.ExitStack() as places, trio.CancelScope(deadline=conn.opened + table.policy.max_lifetime) as lifetime:
+        places.enter_context(fwd._gate.capacity())
+        from_proxy = table.accepts_proxy(listener) and table.is_trusted_proxy(conn.client_ip)
+        if not from_proxy:
+            places.enter_context(fwd._gate.client(conn.client_ip, conn.opened))
+        if reads:
+            conn.state = "reading"
+            with deadline_means(table.policy.initial_data_timeout, Reason.INITIAL_DATA_TIMEOUT):
+                await _read_first_bytes(table, listener, client, conn, first, from_proxy)
+            if from_proxy:  # now the real client is known: count it, not the proxy
+                places.enter_context(fwd._gate.client(conn.client_ip, trio.current_time()))
+            found = table.match(listener, conn.client_ip, first.hello.server_name if first.hello else None)
+        if not isinstance(found, CompiledRoute):
+            raise ConnectionEnded(found if found is not None else Reason.NO_ROUTE)
+        route = found
+        conn.route = route.name
+        lifetime.deadline = conn.opened + route.policy.max_lifetime
+        places.enter_context(fwd._route_gate(route).admitted(conn.client_ip, trio.current_time()))
+        await ACTIONS[route.action](fwd, conn, client, route, first)
     if lifetime.cancelled_caught:
         raise ConnectionEnded(Reason.LIFETIME_EXCEEDED)
 
 
-async def _forward(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, initial: bytes) -> None:
-    async with dialed(conn, route, fwd._balancer(route)) as target:
-        set_tcp_keepalive(client, route.policy.tcp_keepalive)
-        set_tcp_keepalive(target, route.policy.tcp_keepalive)
-        conn.state = "established"
-        await relay(conn, client, target, route.policy, initial)
-
-
-async def _reject(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, initial: bytes) -> None:
-    raise ConnectionEnded(Reason.REJECTED)
-
-
-async def _handle(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, initial: bytes) -> None:
-    assert route.handler is not None  # compile_table guarantees it for action = "handler"
-    handler = route.handler
-    local = client.socket.getsockname()
-    info = HandlerInfo(conn.id, route.name, (conn.client_ip, conn.client_port), (str(local[0]), local[1]))
-    set_tcp_keepalive(client, route.policy.tcp_keepalive)
-    conn.state = "handler"
-    with traffic_scopes(conn, route.policy) as traffic:
-        stream = TrafficStream(client, traffic, initial)
-        await run_watched(traffic, lambda: handler(stream, info))
-
-
-ACTIONS: dict[str, Any] = {"forward": _forward, "reject": _reject, "handler": _handle}
+async def _read_first_bytes(
+    table: RouteTable, listener: ListenKey, client: trio.SocketStream, conn: Connection, first: FirstBytes, from_proxy: bool
+) -> None:
+    """The PROXY header (where this port accepts one), then the ClientHello (where routing needs it)."""
+    if table.accepts_proxy(listener):
+        await read_proxy_header(client, first, required=from_proxy)
+        header = first.proxy
+        if header is not None and header.command == "PROXY" and header.source and header.destination:
+            conn.client_ip, conn.client_port = header.source
+            conn.client = format_address(header.source)
+            conn.local = header.destination
+    if table.reads_client_hello(listener):
+        await read_client_hello(client, first)

@@ -65,11 +65,14 @@ async def _connect(host: str, port: int, timeout: float) -> trio.SocketStream:
 
 
 @contextlib.asynccontextmanager
-async def dialed(conn: Connection, route: CompiledRoute, balancer: Balancer) -> AsyncIterator[trio.SocketStream]:
+async def dialed(
+    conn: Connection, route: CompiledRoute, balancer: Balancer, failure: Reason | None = None
+) -> AsyncIterator[trio.SocketStream]:
     """A connected target stream, held in the balancer while the block runs, closed after.
 
     Tries up to 1 + connect_retries targets in the balancer's order. When all fail,
-    the connection ends with the last attempt's reason.
+    the connection ends with the last attempt's reason, or with `failure` if given
+    (bridge_error: the hop to a TLS terminator is not a target of the client's).
     """
     conn.state = "connecting"
     reason = Reason.TARGET_UNREACHABLE
@@ -91,4 +94,4 @@ async def dialed(conn: Connection, route: CompiledRoute, balancer: Balancer) -> 
                     yield stream
             return
         log.info("connection %d: %s:%s failed (%s)", conn.id, host, port, reason)
-    raise ConnectionEnded(reason)
+    raise ConnectionEnded(failure or reason)

@@ -71,25 +71,41 @@ class Gate:
 
     @contextlib.contextmanager
     def admitted(self, ip: str, now: float) -> Iterator[None]:
-        """Hold a place for one connection from `ip` while the block runs.
+        """Hold a place for one connection from `ip` while the block runs: both holds below."""
+        with self.capacity(), self.client(ip, now):
+            yield
 
-        Raises ConnectionEnded with the limit's reason when there is no place. Order:
-        capacity first (it protects the process), then the per-IP count, then the rate;
-        a connection refused by a count does not use up a rate token.
+    @contextlib.contextmanager
+    def capacity(self) -> Iterator[None]:
+        """Hold one of `max_connections` places, or raise ConnectionEnded(capacity).
+
+        Taken at accept, before any byte is read, so that connections still sending their
+        first bytes (a slow ClientHello, a PROXY header) count against the limit too.
         """
-        limits = self.limits
-        if limits.max_connections and self.active >= limits.max_connections:
+        if self.limits.max_connections and self.active >= self.limits.max_connections:
             raise ConnectionEnded(Reason.CAPACITY)
-        if limits.max_connections_per_ip and self.per_ip[ip] >= limits.max_connections_per_ip:
-            raise ConnectionEnded(Reason.IP_LIMIT)
-        if self.rate is not None and not self.rate.allow(ip, now):
-            raise ConnectionEnded(Reason.RATE_LIMITED)
         self.active += 1
-        self.per_ip[ip] += 1
         try:
             yield
         finally:
             self.active -= 1
+
+    @contextlib.contextmanager
+    def client(self, ip: str, now: float) -> Iterator[None]:
+        """Hold a place for one connection from `ip`: the per-IP count, then the rate.
+
+        Taken once the client's address is known (after a PROXY header, where one is
+        expected). A connection refused by the count does not use up a rate token.
+        """
+        limits = self.limits
+        if limits.max_connections_per_ip and self.per_ip[ip] >= limits.max_connections_per_ip:
+            raise ConnectionEnded(Reason.IP_LIMIT)
+        if self.rate is not None and not self.rate.allow(ip, now):
+            raise ConnectionEnded(Reason.RATE_LIMITED)
+        self.per_ip[ip] += 1
+        try:
+            yield
+        finally:
             self.per_ip[ip] -= 1
             if not self.per_ip[ip]:
                 del self.per_ip[ip]

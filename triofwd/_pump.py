@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ._connection import Connection
     from ._table import Policy
 
-__all__ = ["IN", "OUT", "Traffic", "TrafficStream", "relay", "run_watched", "traffic_scopes"]
+__all__ = ["IN", "OUT", "ReplayStream", "Traffic", "TrafficStream", "relay", "run_watched", "traffic_scopes"]
 
 log = logging.getLogger("triofwd.connection")
 
@@ -48,12 +48,13 @@ def _failure_means(reason: Reason) -> Iterator[None]:
 class Traffic:
     """One connection's activity clock: bytes, the inactivity deadline, half-close."""
 
-    __slots__ = ("conn", "idle", "half", "window", "half_window", "warn_after", "open_directions")
+    __slots__ = ("conn", "idle", "half", "done", "window", "half_window", "warn_after", "open_directions")
 
-    def __init__(self, conn: Connection, idle: trio.CancelScope, half: trio.CancelScope, policy: Policy) -> None:
+    def __init__(self, conn: Connection, idle: trio.CancelScope, half: trio.CancelScope, done: trio.CancelScope, policy: Policy) -> None:
         self.conn = conn
         self.idle = idle
         self.half = half
+        self.done = done
         self.window = policy.idle_window
         self.half_window = policy.half_close_timeout
         self.warn_after = policy.idle_warning_after
@@ -97,8 +98,8 @@ class Traffic:
 @contextlib.contextmanager
 def traffic_scopes(conn: Connection, policy: Policy) -> Iterator[Traffic]:
     """The inactivity and half-close scopes; leaving them by a deadline ends the connection."""
-    with trio.CancelScope() as idle, trio.CancelScope() as half:
-        traffic = Traffic(conn, idle, half, policy)
+    with trio.CancelScope() as idle, trio.CancelScope() as half, trio.CancelScope() as done:
+        traffic = Traffic(conn, idle, half, done, policy)
         traffic.seen()
         yield traffic
     if half.cancelled_caught:
@@ -107,8 +108,12 @@ def traffic_scopes(conn: Connection, policy: Policy) -> Iterator[Traffic]:
         raise ConnectionEnded(Reason.INACTIVITY_TIMEOUT)
 
 
-async def pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream, traffic: Traffic, direction: str) -> None:
-    """Copy src to dst until EOF, then pass the EOF on as a write shutdown."""
+async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, direction: str) -> None:
+    """Copy src to dst until EOF, then pass the EOF on as a write shutdown.
+
+    A TLS stream has no write shutdown (trio's SSLStream cannot half-close): an EOF
+    toward one ends the whole connection, normally, once what was read is delivered.
+    """
     src_failed, dst_failed = _RESET[direction]
     while True:
         with _failure_means(src_failed):
@@ -119,14 +124,16 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream, traffic:
         with _failure_means(dst_failed):
             await dst.send_all(data)
         traffic.moved(direction, len(data))
+    if not isinstance(dst, trio.abc.HalfCloseableStream):
+        traffic.seen()
+        traffic.done.cancel()
+        return
     with _failure_means(dst_failed):
         await dst.send_eof()
     traffic.closed(direction)
 
 
-async def relay(
-    conn: Connection, client: trio.SocketStream, target: trio.SocketStream, policy: Policy, initial: bytes = b""
-) -> None:
+async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stream, policy: Policy, initial: bytes = b"") -> None:
     """Bytes both ways until both directions are done, with `initial` sent to the target first."""
     with traffic_scopes(conn, policy) as traffic:
         if initial:
@@ -157,15 +164,11 @@ async def _together(jobs: Sequence[Callable[[], Awaitable[object]]]) -> None:
             nursery.start_soon(job)
 
 
-class TrafficStream(trio.abc.HalfCloseableStream):
-    """The client stream as a handler sees it: counted, timed, errors mapped to client_reset.
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A socket stream whose first reads return bytes already taken from it (a ClientHello)."""
 
-    Bytes already read from the client (a ClientHello, say) come out first.
-    """
-
-    def __init__(self, stream: trio.SocketStream, traffic: Traffic, initial: bytes = b"") -> None:
+    def __init__(self, stream: trio.SocketStream, initial: bytes = b"") -> None:
         self.stream = stream
-        self.traffic = traffic
         self._initial = initial
 
     @property
@@ -177,9 +180,35 @@ class TrafficStream(trio.abc.HalfCloseableStream):
             size = len(self._initial) if max_bytes is None else max_bytes
             data, self._initial = self._initial[:size], self._initial[size:]
             await trio.lowlevel.checkpoint()
-        else:
-            with _failure_means(Reason.CLIENT_RESET):
-                data = await self.stream.receive_some(max_bytes)
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class TrafficStream(ReplayStream):
+    """The client stream as a handler sees it: counted, timed, errors mapped to client_reset.
+
+    Bytes already read from the client (a ClientHello, say) come out first.
+    """
+
+    def __init__(self, stream: trio.SocketStream, traffic: Traffic, initial: bytes = b"") -> None:
+        super().__init__(stream, initial)
+        self.traffic = traffic
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        with _failure_means(Reason.CLIENT_RESET):
+            data = await super().receive_some(max_bytes)
         if data:
             self.traffic.moved(IN, len(data))
         return data
@@ -189,12 +218,6 @@ class TrafficStream(trio.abc.HalfCloseableStream):
             await self.stream.send_all(data)
         self.traffic.moved(OUT, len(data))
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
     async def send_eof(self) -> None:
         with _failure_means(Reason.CLIENT_RESET):
             await self.stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()

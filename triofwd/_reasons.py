@@ -6,7 +6,11 @@ The access log, stats, metrics and the inspector all use these words.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
+
+import trio
 
 
 class Reason(enum.StrEnum):
@@ -48,3 +52,12 @@ class ConnectionEnded(Exception):
         super().__init__(reason.value if not detail else f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+@contextlib.contextmanager
+def deadline_means(seconds: float, reason: Reason) -> Iterator[trio.CancelScope]:
+    """A scope of `seconds`; if its deadline ends the block, the connection ends with `reason`."""
+    with trio.move_on_after(seconds) as scope:
+        yield scope
+    if scope.cancelled_caught:
+        raise ConnectionEnded(reason)

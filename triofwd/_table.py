@@ -16,11 +16,13 @@ import math
 import types
 import typing
 import re
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._config import ROUTE_OVERRIDES, Config, ConfigError, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
 from ._reasons import Reason
+from ._tls import RouteTLS
 
 __all__ = ["CompiledRoute", "ListenKey", "Policy", "RouteTable", "compile_table"]
 
@@ -104,6 +106,10 @@ class CompiledRoute:
     handler: Callable[..., Any] | None
     policy: Policy
     limits: Limits  # this route's own limits, where it overrides [settings]
+    proxy_protocol: str  # "", "v1", "v2": header sent to the target
+    accept_proxy_protocol: bool
+    tls: RouteTLS | None
+    bridge_to: tuple[str, int] | None  # action = "bridge" to an external terminator; None: built-in
     spec: Route  # as written, for the inspector and for reload diffs
 
     def listen_keys(self) -> list[ListenKey]:
@@ -121,14 +127,29 @@ class RouteTable:
     policy: Policy  # [settings], for connections not (yet) on a route
     limits: Limits  # process-wide
     shutdown_grace: float
+    trusted_proxies: tuple[IPNetwork, ...]
     config: Config
 
     def route(self, name: str) -> CompiledRoute | None:
         return next((r for r in self.routes if r.name == name), None)
 
-    def needs_initial_data(self, key: ListenKey) -> bool:
-        """Whether connections on this listener must send their first bytes before routing."""
-        return any(r.domains for r in self.by_listener.get(key, ()))
+    def accepts_proxy(self, key: ListenKey) -> bool:
+        """Connections on this listener may start with a PROXY header (from trusted_proxies).
+
+        The header comes before any route is chosen, so it is a property of the port: one
+        route on it with accept_proxy_protocol makes the whole port accept the header.
+        """
+        return any(r.accept_proxy_protocol for r in self.by_listener.get(key, ()))
+
+    def reads_client_hello(self, key: ListenKey) -> bool:
+        """Routing on this listener needs the TLS ClientHello (SNI domains, or a bridge)."""
+        return any(r.domains or r.action == "bridge" for r in self.by_listener.get(key, ()))
+
+    def reads_first_bytes(self, key: ListenKey) -> bool:
+        return self.accepts_proxy(key) or self.reads_client_hello(key)
+
+    def is_trusted_proxy(self, ip: str) -> bool:
+        return bool(self.trusted_proxies) and _in_any(client_address(ip), self.trusted_proxies)
 
     def match(self, key: ListenKey, client_ip: str, sni: str | None = None) -> CompiledRoute | Reason:
         """The route for a connection, or the reason there is none.
@@ -267,18 +288,45 @@ def _literal_choices(hint: Any) -> tuple[Any, ...]:
     return ()
 
 
+def _compile_tls(errors: _Errors, path: str, route: Route) -> tuple[RouteTLS | None, tuple[str, int] | None]:
+    """TLS and bridge settings: which combinations make sense, and the contexts (certificates read now)."""
+    tls = route.tls
+    bridge_to = None
+    before = len(errors.lines)
+    if route.action == "bridge" and route.bridge_to != "internal":
+        bridge_to = errors.parse(f"{path}.bridge_to", parse_target, route.bridge_to)
+    elif route.action != "bridge" and route.bridge_to != "internal":
+        errors.add(f"{path}.bridge_to", 'bridge_to is only used with action = "bridge"')
+    if tls is None:
+        if route.action == "bridge" and bridge_to is None:
+            errors.add(f"{path}.tls", 'action = "bridge" to the built-in terminator needs [routes.tls] with mode, cert and key')
+        return None, bridge_to
+    if tls.mode == "passthrough":
+        if route.action == "bridge" and bridge_to is None:
+            errors.add(f"{path}.tls.mode", 'the built-in terminator needs tls.mode = "terminate" or "reencrypt"')
+        return RouteTLS(tls), bridge_to
+    if route.action != "bridge" or bridge_to is not None:
+        errors.add(f"{path}.tls.mode", f'tls.mode = "{tls.mode}" needs action = "bridge" with bridge_to = "internal"')
+        return None, bridge_to
+    for key in ("cert", "key"):
+        if not getattr(tls, key):
+            errors.add(f"{path}.tls.{key}", f"tls.{key} is needed to terminate TLS")
+    if tls.mode != "reencrypt" and (tls.target_ca or tls.target_sni):
+        errors.add(f"{path}.tls", 'target_ca and target_sni are only used with tls.mode = "reencrypt"')
+    if len(errors.lines) > before:
+        return None, bridge_to
+    try:
+        return RouteTLS(tls), bridge_to
+    except (OSError, ssl.SSLError) as exc:
+        where = "target_ca" if tls.target_ca and tls.target_ca in str(exc) else "cert"
+        errors.add(f"{path}.tls.{where}", f"cannot load TLS certificate or key: {getattr(exc, 'strerror', None) or exc}")
+        return None, bridge_to
+
+
 def _check_not_yet(errors: _Errors, path: str, route: Route) -> None:
     """Keys whose features are not built yet: refuse them by name, never ignore them."""
-    if route.action in ("bridge", "offload"):
+    if route.action == "offload":
         errors.add(f"{path}.action", f'action = "{route.action}" {_NOT_YET}')
-    if route.bridge_to != "internal":
-        errors.add(f"{path}.bridge_to", f"bridge_to {_NOT_YET}")
-    if route.proxy_protocol:
-        errors.add(f"{path}.proxy_protocol", f"proxy_protocol {_NOT_YET}")
-    if route.accept_proxy_protocol:
-        errors.add(f"{path}.accept_proxy_protocol", f"accept_proxy_protocol {_NOT_YET}")
-    if route.tls is not None:
-        errors.add(f"{path}.tls", f"tls {_NOT_YET}")
     if route.warm:
         errors.add(f"{path}.warm", f"warm {_NOT_YET}")
     if route.health_check is not None:
@@ -299,10 +347,7 @@ def compile_table(config: Config) -> RouteTable:
     limits = _limits(errors, "$.settings", base)
     grace = errors.parse("$.settings.shutdown_grace", parse_duration, settings.shutdown_grace, 0.0)
     grace = 0.0 if grace == math.inf else grace  # "0": no grace period, close at once
-    for i, cidr in enumerate(settings.trusted_proxies):
-        errors.parse(f"$.settings.trusted_proxies[{i}]", parse_cidr, cidr)
-    if settings.trusted_proxies:
-        errors.add("$.settings.trusted_proxies", f"trusted_proxies {_NOT_YET}")
+    trusted = tuple(errors.parse(f"$.settings.trusted_proxies[{i}]", parse_cidr, c) for i, c in enumerate(settings.trusted_proxies))
 
     routes: list[CompiledRoute] = []
     seen: dict[str, int] = {}
@@ -341,6 +386,9 @@ def compile_table(config: Config) -> RouteTable:
         elif route.handler:
             errors.add(f"{path}.handler", 'handler is only used with action = "handler"')
         _check_not_yet(errors, path, route)
+        tls, bridge_to = _compile_tls(errors, path, route)
+        if route.accept_proxy_protocol and not settings.trusted_proxies:
+            errors.add(f"{path}.accept_proxy_protocol", "accept_proxy_protocol needs [settings] trusted_proxies: the addresses allowed to send the header")
         own = {key: getattr(route, key) for key in ROUTE_OVERRIDES}
         routes.append(
             CompiledRoute(
@@ -359,6 +407,10 @@ def compile_table(config: Config) -> RouteTable:
                 handler=handler,
                 policy=_policy(errors, path, own, fallback=policy),
                 limits=_limits(errors, path, own),
+                proxy_protocol=route.proxy_protocol,
+                accept_proxy_protocol=route.accept_proxy_protocol,
+                tls=tls,
+                bridge_to=bridge_to,
                 spec=route,
             )
         )
@@ -370,4 +422,4 @@ def compile_table(config: Config) -> RouteTable:
         for key in route.listen_keys():
             by_listener.setdefault(key, []).append(route)
     ordered = {k: tuple(sorted(v, key=lambda r: (-r.priority, r.index))) for k, v in by_listener.items()}
-    return RouteTable(tuple(routes), ordered, policy, limits, grace, config)
+    return RouteTable(tuple(routes), ordered, policy, limits, grace, trusted, config)
