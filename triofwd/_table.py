@@ -375,8 +375,8 @@ def compile_table(config: Config) -> RouteTable:
         client_ips = tuple(errors.parse(f"{path}.client_ips[{j}]", parse_cidr, c) for j, c in enumerate(route.client_ips))
         block_ips = tuple(errors.parse(f"{path}.block_ips[{j}]", parse_cidr, c) for j, c in enumerate(route.block_ips))
         targets = tuple(errors.parse(f"{path}.targets[{j}]", parse_target, t) for j, t in enumerate(route.targets))
-        if route.action == "forward" and not route.targets:
-            errors.add(f"{path}.targets", 'action = "forward" needs at least one target')
+        if not route.targets and (route.action == "forward" or (route.action == "bridge" and route.bridge_to == "internal")):
+            errors.add(f"{path}.targets", f'action = "{route.action}" needs at least one target')
         for j, pattern in enumerate(route.domains):
             if not DOMAIN_PATTERN_RE.fullmatch(pattern):
                 errors.add(f"{path}.domains[{j}]", f"invalid domain pattern {pattern!r}: expected name.example or *.name.example")
@@ -387,6 +387,10 @@ def compile_table(config: Config) -> RouteTable:
             errors.add(f"{path}.handler", 'handler is only used with action = "handler"')
         _check_not_yet(errors, path, route)
         tls, bridge_to = _compile_tls(errors, path, route)
+        if bridge_to is not None:
+            if route.targets:  # the external terminator has its own targets; ours would be ignored
+                errors.add(f"{path}.targets", "targets are not used with bridge_to = \"host:port\": the terminator there has its own")
+            targets = (bridge_to,)  # the one hop this route dials
         if route.accept_proxy_protocol and not settings.trusted_proxies:
             errors.add(f"{path}.accept_proxy_protocol", "accept_proxy_protocol needs [settings] trusted_proxies: the addresses allowed to send the header")
         own = {key: getattr(route, key) for key in ROUTE_OVERRIDES}
