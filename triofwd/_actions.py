@@ -90,6 +90,11 @@ async def forward(fwd: Forwarder, conn: Connection, client: trio.SocketStream, r
         await relay(conn, client, target, route.policy, first.data)
 
 
+async def offloaded(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+    """The kernel should have taken this connection; one that reaches us is closed and counted."""
+    raise ConnectionEnded(Reason.OFFLOADED)
+
+
 async def reject(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
     raise ConnectionEnded(Reason.REJECTED)
 
@@ -159,4 +164,4 @@ async def _close_notify(stream: trio.SSLStream) -> None:
             pass  # the client is already gone: nothing left to tell it
 
 
-ACTIONS: dict[str, Action] = {"forward": forward, "reject": reject, "handler": handle, "bridge": bridge}
+ACTIONS: dict[str, Action] = {"forward": forward, "reject": reject, "handler": handle, "bridge": bridge, "offload": offloaded}

@@ -25,6 +25,7 @@ from ._config import Config
 from ._connection import Connection, run_connection
 from ._dial import format_address
 from ._limits import Gate
+from ._offload import KernelRules, kernel_rules
 from ._reasons import Reason
 from ._table import CompiledRoute, ListenKey, RouteTable, compile_table
 from ._stats import Stats
@@ -67,8 +68,11 @@ class Forwarder:
     `addresses`; call `reload(config)`, `drain()`, `shutdown()`.
     """
 
-    def __init__(self, table: RouteTable, connections: trio.Nursery, listening: trio.Nursery, access_log: AccessLog | None) -> None:
+    def __init__(
+        self, table: RouteTable, connections: trio.Nursery, listening: trio.Nursery, access_log: AccessLog | None, kernel: KernelRules
+    ) -> None:
         self._table = table
+        self._kernel = kernel
         self._connection_nursery = connections
         self._listening = listening
         self._access_log = access_log
@@ -115,7 +119,16 @@ class Forwarder:
         await self._stopped.wait()
 
     def stats(self) -> dict[str, Any]:
-        return self.stats_counters.snapshot(self._connections.values())
+        """Totals, per route and reason; offload routes carry the kernel counters last read."""
+        snapshot = self.stats_counters.snapshot(self._connections.values())
+        for name, (packets, nbytes) in self._kernel.counters.items():
+            snapshot["routes"].setdefault(name, {"active": 0, "total": 0, "bytes_in": 0, "bytes_out": 0, "terminations": {}})
+            snapshot["routes"][name]["offload"] = {"packets": packets, "bytes": nbytes}
+        return snapshot
+
+    async def read_offload_counters(self) -> dict[str, tuple[int, int]]:
+        """Read the offload routes' packet and byte counters from the kernel (then in stats())."""
+        return await self._kernel.read_counters()
 
     @contextlib.contextmanager
     def watch(self, buffer: int = WATCH_BUFFER) -> Iterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
@@ -171,7 +184,12 @@ class Forwarder:
         table = compile_table(config)
         old = self._table
         new_keys = [] if self.draining else [k for k in table.by_listener if k not in self._listeners]
-        opened = await _bind_all(new_keys)  # raises before anything has changed
+        opened = await _bind_all(new_keys, optional=_offload_only(table))  # raises before anything has changed
+        try:
+            table = await self._kernel.prepare(table)  # the new rules in one nft transaction
+        except BaseException:
+            _close_all(opened)
+            raise
         self._table = table
         self._gate.update(table.limits)
         for route in table.routes:
@@ -274,8 +292,22 @@ class Forwarder:
                     del self._listeners[entry.key]
 
 
-async def _bind_all(keys: list[ListenKey]) -> dict[ListenKey, list[trio.SocketListener]]:
-    """Bind every key or none: on the first failure, close what was opened and raise ListenError."""
+def _offload_only(table: RouteTable) -> set[ListenKey]:
+    """Listeners only offload routes use: the kernel serves those ports, binding them is a courtesy."""
+    return {k for k, routes in table.by_listener.items() if all(r.action == "offload" for r in routes)}
+
+
+def _close_all(opened: dict[ListenKey, list[trio.SocketListener]]) -> None:
+    for sockets in opened.values():
+        for sock in sockets:
+            sock.socket.close()
+
+
+async def _bind_all(keys: list[ListenKey], optional: set[ListenKey] = frozenset()) -> dict[ListenKey, list[trio.SocketListener]]:  # type: ignore[assignment]
+    """Bind every key or none: on the first failure, close what was opened and raise ListenError.
+
+    A key in `optional` that cannot be bound is skipped with a warning instead.
+    """
     opened: dict[ListenKey, list[trio.SocketListener]] = {}
     try:
         for key in keys:
@@ -283,11 +315,13 @@ async def _bind_all(keys: list[ListenKey]) -> dict[ListenKey, list[trio.SocketLi
             try:
                 opened[key] = await trio.open_tcp_listeners(port, host=bind)
             except OSError as exc:
-                raise ListenError(exc.errno, f"cannot listen on {format_address((bind, port))}: {exc.strerror or exc}") from None
+                message = f"cannot listen on {format_address((bind, port))}: {exc.strerror or exc}"
+                if key in optional:
+                    log.warning("%s (an offload port: the kernel forwards it anyway)", message)
+                    continue
+                raise ListenError(exc.errno, message) from None
     except BaseException:
-        for sockets in opened.values():
-            for sock in sockets:
-                sock.socket.close()
+        _close_all(opened)
         raise
     return opened
 
@@ -306,17 +340,19 @@ async def serve(
     (reason `shutdown`).
     """
     table = compile_table(config)
-    opened = await _bind_all(list(table.by_listener))
-    async with trio.open_nursery() as connections:
-        async with trio.open_nursery() as listening:
-            fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None)
-            fwd._listen(opened)
-            log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
-            task_status.started(fwd)
-            await fwd._stop.wait()
-            log.info("shutting down: %d connections open", len(fwd._connections))
-            listening.cancel_scope.cancel()
-        grace = fwd._grace if fwd._grace is not None else fwd._table.shutdown_grace
-        connections.cancel_scope.deadline = trio.current_time() + grace
+    async with kernel_rules() as kernel:  # offload rules: installed here, removed on every way out
+        table = await kernel.prepare(table)
+        opened = await _bind_all(list(table.by_listener), optional=_offload_only(table))
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as listening:
+                fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel)
+                fwd._listen(opened)
+                log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
+                task_status.started(fwd)
+                await fwd._stop.wait()
+                log.info("shutting down: %d connections open", len(fwd._connections))
+                listening.cancel_scope.cancel()
+            grace = fwd._grace if fwd._grace is not None else fwd._table.shutdown_grace
+            connections.cancel_scope.deadline = trio.current_time() + grace
     log.info("stopped")
     fwd._stopped.set()

@@ -13,14 +13,15 @@ import importlib
 import inspect
 import ipaddress
 import math
-import types
-import typing
 import re
 import ssl
+import types
+import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._config import ROUTE_OVERRIDES, Config, ConfigError, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
+from ._nft import NftError, OffloadRule, render_ruleset, validate_rule
 from ._reasons import Reason
 from ._tls import RouteTLS
 
@@ -325,16 +326,14 @@ def _compile_tls(errors: _Errors, path: str, route: Route) -> tuple[RouteTLS | N
 
 def _check_not_yet(errors: _Errors, path: str, route: Route) -> None:
     """Keys whose features are not built yet: refuse them by name, never ignore them."""
-    if route.action == "offload":
-        errors.add(f"{path}.action", f'action = "{route.action}" {_NOT_YET}')
     if route.warm:
         errors.add(f"{path}.warm", f"warm {_NOT_YET}")
     if route.health_check is not None:
         errors.add(f"{path}.health_check", f"health_check {_NOT_YET}")
-    if route.offload_fallback:
-        errors.add(f"{path}.offload_fallback", f"offload_fallback {_NOT_YET}")
-    if route.preserve_source_ip:
-        errors.add(f"{path}.preserve_source_ip", f"preserve_source_ip {_NOT_YET}")
+    if route.action != "offload":
+        for key in ("offload_fallback", "preserve_source_ip"):
+            if getattr(route, key):
+                errors.add(f"{path}.{key}", f'{key} is only used with action = "offload"')
 
 
 def compile_table(config: Config) -> RouteTable:
@@ -375,7 +374,7 @@ def compile_table(config: Config) -> RouteTable:
         client_ips = tuple(errors.parse(f"{path}.client_ips[{j}]", parse_cidr, c) for j, c in enumerate(route.client_ips))
         block_ips = tuple(errors.parse(f"{path}.block_ips[{j}]", parse_cidr, c) for j, c in enumerate(route.block_ips))
         targets = tuple(errors.parse(f"{path}.targets[{j}]", parse_target, t) for j, t in enumerate(route.targets))
-        if not route.targets and (route.action == "forward" or (route.action == "bridge" and route.bridge_to == "internal")):
+        if not route.targets and (route.action in ("forward", "offload") or (route.action == "bridge" and route.bridge_to == "internal")):
             errors.add(f"{path}.targets", f'action = "{route.action}" needs at least one target')
         for j, pattern in enumerate(route.domains):
             if not DOMAIN_PATTERN_RE.fullmatch(pattern):
@@ -421,9 +420,56 @@ def compile_table(config: Config) -> RouteTable:
     if errors.lines:
         raise ConfigError(errors.lines)
 
+    _check_offload(errors, routes)
+    if errors.lines:
+        raise ConfigError(errors.lines)
+    return RouteTable(tuple(routes), _by_listener(routes), policy, limits, grace, trusted, config)
+
+
+def _by_listener(routes: Iterable[CompiledRoute]) -> dict[ListenKey, tuple[CompiledRoute, ...]]:
     by_listener: dict[ListenKey, list[CompiledRoute]] = {}
     for route in routes:
         for key in route.listen_keys():
             by_listener.setdefault(key, []).append(route)
-    ordered = {k: tuple(sorted(v, key=lambda r: (-r.priority, r.index))) for k, v in by_listener.items()}
-    return RouteTable(tuple(routes), ordered, policy, limits, grace, trusted, config)
+    return {k: tuple(sorted(v, key=lambda r: (-r.priority, r.index))) for k, v in by_listener.items()}
+
+
+def with_routes(table: RouteTable, routes: Iterable[CompiledRoute]) -> RouteTable:
+    """The same table with its routes replaced (an offload route falling back to forward)."""
+    routes = tuple(routes)
+    return dataclasses.replace(table, routes=routes, by_listener=_by_listener(routes))
+
+
+def offload_rule(route: CompiledRoute) -> OffloadRule:
+    """An offload route as the nftables renderer takes it."""
+    return OffloadRule(
+        name=route.name,
+        listen_ports=route.ports,
+        bind=route.bind,
+        targets=route.targets,
+        client_ips=tuple(str(net) for net in route.client_ips),
+        block_ips=tuple(str(net) for net in route.block_ips),
+        preserve_source_ip=route.spec.preserve_source_ip,
+    )
+
+
+def _check_offload(errors: _Errors, routes: list[CompiledRoute]) -> None:
+    """Offload routes become nftables rules: refuse here what nft must never see (hostnames, overlaps)."""
+
+    offload = [r for r in routes if r.action == "offload"]
+    for route in offload:
+        if route.domains or route.tls is not None or route.proxy_protocol or route.accept_proxy_protocol or route.handler:
+            errors.add(f"$.routes[{route.index}].action", 'action = "offload" is forwarded by the kernel: domains, tls and PROXY protocol need user space')
+            continue
+        if 0 in route.ports:
+            errors.add(f"$.routes[{route.index}].ports", 'action = "offload" needs fixed ports (0 picks a port only a listener knows)')
+            continue
+        try:
+            validate_rule(offload_rule(route))
+        except NftError as exc:
+            errors.add(f"$.routes[{route.index}]", str(exc))
+    if offload and not errors.lines:
+        try:
+            render_ruleset([offload_rule(r) for r in offload])
+        except NftError as exc:
+            errors.add("$.routes", str(exc))

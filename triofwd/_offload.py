@@ -1,0 +1,105 @@
+"""Offload routes: nftables rules that live exactly as long as the forwarder's scope.
+
+The ruleset text comes from the pure renderer in `_nft`; this module decides when it is
+installed (start, reload), removed (every exit: normal, signal, exception, cancelled
+embedding nursery) and what happens where nft cannot be used (`offload_fallback`).
+The nft calls are blocking subprocesses, run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+import trio
+
+from . import _nft
+from ._table import RouteTable, offload_rule, with_routes
+
+__all__ = ["KernelRules", "OffloadError", "kernel_rules", "ruleset_text"]
+
+log = logging.getLogger("triofwd.offload")
+
+# Removing the rules at exit is shielded from cancellation (it must happen) but bounded.
+REMOVE_TIMEOUT = 10.0
+
+
+class OffloadError(Exception):
+    """Offload routes that cannot be installed (nft missing or not permitted) and have no fallback."""
+
+
+def ruleset_text(table: RouteTable) -> str:
+    """The nftables ruleset for the table's offload routes (what `check --show-nft` prints)."""
+    return _nft.render_ruleset([offload_rule(r) for r in table.routes if r.action == "offload"])
+
+
+class KernelRules:
+    """The `triofwd` nftables table, owned by one forwarder."""
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.counters: dict[str, tuple[int, int]] = {}
+
+    async def prepare(self, table: RouteTable) -> RouteTable:
+        """Install the table's offload rules (one transaction), or fall back, or raise OffloadError.
+
+        Returns the table to serve: where nft cannot be used, routes with
+        offload_fallback = "forward" are forwarded in user space instead.
+        """
+        offload = [r for r in table.routes if r.action == "offload"]
+        if not offload:
+            if self.installed:
+                await self.remove()
+            return table
+        problem = await trio.to_thread.run_sync(_nft.nft_available)
+        if problem is None:
+            try:
+                await trio.to_thread.run_sync(_nft.apply, ruleset_text(table))
+            except _nft.NftError as exc:
+                problem = str(exc)
+            else:
+                self.installed = True
+                return table
+        stuck = [r.name for r in offload if r.spec.offload_fallback != "forward"]
+        if stuck:
+            raise OffloadError(f"cannot install nftables rules for offload routes {', '.join(stuck)}: {problem}")
+        for route in offload:
+            log.warning("route %s: nftables unavailable (%s): forwarding in user space instead", route.name, problem)
+        if self.installed:
+            await self.remove()
+        return with_routes(table, [dataclasses.replace(r, action="forward") if r.action == "offload" else r for r in table.routes])
+
+    async def read_counters(self) -> dict[str, tuple[int, int]]:
+        """Packets and bytes per offload route, from the kernel; {} when nothing is installed."""
+        if not self.installed:
+            self.counters = {}
+        else:
+            try:
+                self.counters = await trio.to_thread.run_sync(_nft.read_counters)
+            except _nft.NftError as exc:
+                log.warning("cannot read nftables counters: %s", exc)
+        return self.counters
+
+    async def remove(self) -> None:
+        with trio.move_on_after(REMOVE_TIMEOUT, shield=True) as scope:
+            try:
+                await trio.to_thread.run_sync(_nft.delete_table, abandon_on_cancel=False)
+            except _nft.NftError as exc:
+                log.error("cannot remove the nftables table: %s", exc)
+            else:
+                self.installed = False
+        if scope.cancelled_caught:
+            log.error("removing the nftables table took more than %.0fs", REMOVE_TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def kernel_rules() -> AsyncIterator[KernelRules]:
+    """Kernel rules owned by the block: whatever was installed is removed when it exits."""
+    rules = KernelRules()
+    try:
+        yield rules
+    finally:
+        if rules.installed:
+            await rules.remove()
