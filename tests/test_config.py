@@ -621,11 +621,15 @@ def test_all_later_features_at_once_are_all_named() -> None:
         ({"offload_fallback": '"forward"'}, 'offload_fallback is only used with action = "offload" - at `$.routes[0].offload_fallback`'),
         ({"preserve_source_ip": "true"}, 'preserve_source_ip is only used with action = "offload" - at `$.routes[0].preserve_source_ip`'),
         ({"action": '"offload"', "domains": '["a.example"]'}, 'action = "offload" is forwarded by the kernel: domains, tls and PROXY protocol need user space - at `$.routes[0].action`'),
-        ({"action": '"offload"', "targets": '["db.internal:5432"]'}, "route 'a': target host 'db.internal' is not an IP address literal (hostnames cannot be offloaded) - at `$.routes[0]`"),
     ],
 )
 def test_offload_keys_are_checked_before_nft_sees_them(keys: dict[str, str], expected: str) -> None:
     assert expected in errors_of(one_route(**keys))
+
+
+def test_offload_targets_must_be_addresses() -> None:
+    errors = errors_of('[[routes]]\nname = "a"\nports = [8000]\naction = "offload"\ntargets = ["db.internal:5432"]\n')
+    assert errors == ["route 'a': target host 'db.internal' is not an IP address literal (hostnames cannot be offloaded) - at `$.routes[0]`"]
 
 
 def test_an_offload_route_compiles() -> None:
