@@ -1,0 +1,125 @@
+"""Prometheus text exposition (format 0.0.4) of a stats snapshot. Pure: a dict in, text out.
+
+The names follow the Prometheus conventions: a `triofwd_` prefix, `_total` on counters,
+base units (seconds, bytes) in the name. Every route the table knows is exported with
+zeros before its first connection, and every (route, reason) pair of the contract's
+vocabulary too, so that `rate()` and `increase()` see the first event of a series
+instead of treating it as the series' start.
+
+    triofwd_connections_active{route}                    gauge
+    triofwd_connections_total{route}                     counter   accepted on the route
+    triofwd_terminations_total{route,reason}             counter   ended, by the one-word reason
+    triofwd_limit_rejections_total{route,limit}          counter   view of terminations: capacity, ip_limit, rate_limited
+    triofwd_bytes_total{route,direction}                 counter   in: client to target, out: target to client
+    triofwd_connect_duration_seconds{route}              histogram time to connect to the target
+    triofwd_accept_errors_total                          counter   accept() failures (out of fds, memory)
+
+Connections that ended before a route was chosen (no_route, capacity...) carry
+`route="-"`, the key the stats snapshot uses for them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from ._reasons import Reason
+
+__all__ = ["CONTENT_TYPE", "LIMIT_REASONS", "render_metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "triofwd_"
+# The terminations that mean a limit turned the connection away (CONTRACT.md reasons).
+LIMIT_REASONS = (Reason.CAPACITY.value, Reason.IP_LIMIT.value, Reason.RATE_LIMITED.value)
+
+
+def render_metrics(stats: Mapping[str, Any], route_names: Iterable[str] = ()) -> str:
+    """The Prometheus text for a `Forwarder.stats()` snapshot.
+
+    `route_names` are the routes of the current table: they are exported with zero
+    values even before their first connection.
+    """
+    routes: dict[str, Mapping[str, Any]] = {name: {} for name in route_names}
+    routes.update(stats.get("routes", {}))
+    names = sorted(routes)
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, Mapping[str, str], float]]) -> None:
+        out.append(f"# HELP {PREFIX}{name} {_escape_help(help_text)}")
+        out.append(f"# TYPE {PREFIX}{name} {kind}")
+        out.extend(f"{PREFIX}{suffix}{_labels(labels)} {_number(value)}" for suffix, labels, value in samples)
+
+    family("connections_active", "gauge", "Connections open now.",
+           (("connections_active", {"route": n}, routes[n].get("active", 0)) for n in names))  # fmt: skip
+    family("connections_total", "counter", "Connections accepted, by the route they were given.",
+           (("connections_total", {"route": n}, routes[n].get("total", 0)) for n in names))  # fmt: skip
+    family(
+        "terminations_total",
+        "counter",
+        "Connections ended, by route and the one-word reason they ended.",
+        (("terminations_total", {"route": n, "reason": r}, routes[n].get("terminations", {}).get(r, 0)) for n in names for r in _reasons(routes[n])),
+    )
+    family(
+        "limit_rejections_total",
+        "counter",
+        "Connections turned away by a limit (a view of terminations_total for capacity, ip_limit, rate_limited).",
+        (("limit_rejections_total", {"route": n, "limit": r}, routes[n].get("terminations", {}).get(r, 0)) for n in names for r in LIMIT_REASONS),
+    )
+    family(
+        "bytes_total",
+        "counter",
+        "Bytes relayed; direction in is client to target, out is target to client.",
+        (("bytes_total", {"route": n, "direction": d}, routes[n].get(f"bytes_{d}", 0)) for n in names for d in ("in", "out")),
+    )
+    family("connect_duration_seconds", "histogram", "Time taken to connect to the target.",
+           (s for n in names for s in _histogram("connect_duration_seconds", {"route": n}, routes[n].get("connect_time"))))  # fmt: skip
+    family("accept_errors_total", "counter", "accept() calls that failed for want of a resource (file descriptors, memory).",
+           [("accept_errors_total", {}, stats.get("accept_errors", 0))])  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def _reasons(route: Mapping[str, Any]) -> list[str]:
+    """Every reason of the vocabulary, then any other word the snapshot holds (never dropped)."""
+    known = [r.value for r in Reason]
+    return known + sorted(set(route.get("terminations", {})) - set(known))
+
+
+def _histogram(name: str, labels: Mapping[str, str], data: Mapping[str, Any] | None) -> Iterator[tuple[str, Mapping[str, str], float]]:
+    """_bucket (cumulative, ending with le="+Inf"), _sum and _count samples of one series."""
+    buckets: list[tuple[float, int]] = list(data["buckets"]) if data else []
+    if not buckets or buckets[-1][0] != math.inf:
+        buckets.append((math.inf, data["count"] if data else 0))
+    for bound, count in buckets:
+        yield f"{name}_bucket", {**labels, "le": _number(bound)}, count
+    yield f"{name}_sum", labels, data["sum"] if data else 0
+    yield f"{name}_count", labels, data["count"] if data else 0
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_escape_label(str(value))}"' for key, value in labels.items()) + "}"
+
+
+def _escape_label(value: str) -> str:
+    # The text format escapes exactly these three in label values.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    # HELP text escapes backslash and line feed, but not the double quote.
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    """A sample value as the text format writes it: integers plainly, +Inf/-Inf/NaN by name."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
