@@ -8,18 +8,22 @@ file, a port that cannot be bound), always as one line on stderr, never a traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import resource
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from typing import IO
 
 import trio
 
 from ._config import ConfigError, load_config
+from ._control import ControlServer, bind_control_socket, metrics_text
 from ._log import setup_logging
+from ._metrics_http import bind_metrics, serve_metrics_on
 from ._server import Forwarder, ListenError, serve
 
 __all__ = ["main"]
@@ -98,14 +102,25 @@ def _notify_systemd(state: str) -> None:
             log.warning("cannot notify systemd at %s: %s", path, exc)
 
 
+def _parse_host_port(text: str) -> tuple[str | None, int]:
+    """--metrics HOST:PORT: "127.0.0.1:9100", "[::1]:9100", ":9100" (every address)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"invalid --metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9100")
+    return (host.strip("[]") or None), int(port)
+
+
 async def _serve(args: argparse.Namespace) -> int:
-    for option in ("control", "metrics"):
-        if getattr(args, option):
-            return _fail(f"--{option} is not supported yet")
     try:
         config = load_config(args.routefile)
     except ConfigError as exc:
         return _fail(str(exc))
+    metrics_address = None
+    if args.metrics:
+        try:
+            metrics_address = _parse_host_port(args.metrics)
+        except ValueError as exc:
+            return _fail(str(exc))
     _raise_fd_limit()
     access_log: IO[str] | None = None
     if args.access_log == "-":
@@ -116,14 +131,28 @@ async def _serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"cannot open access log {args.access_log}: {exc.strerror or exc}")
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with contextlib.ExitStack() as resources, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            # The control socket and the metrics port are bound before the forwarder's
+            # ports, so that when `ready` is logged every listener is there.
+            try:
+                control = resources.enter_context(bind_control_socket(args.control)) if args.control else None
+                metrics = await bind_metrics(*metrics_address) if metrics_address else None
+            except ListenError as exc:
+                return _fail(str(exc))
+            for listener in metrics or ():
+                resources.callback(listener.socket.close)
             async with trio.open_nursery() as nursery:
                 try:
                     fwd: Forwarder = await nursery.start(lambda task_status: serve(config, access_log=access_log, task_status=task_status))
                 except (ListenError, ConfigError) as exc:
                     return _fail(str(exc))
+                reload = _reloader(fwd, args.routefile)
+                if control is not None:
+                    nursery.start_soon(ControlServer(fwd, reload=reload).serve, [control])
+                if metrics is not None:
+                    nursery.start_soon(serve_metrics_on, metrics, lambda: metrics_text(fwd))
                 _notify_systemd("READY=1")
-                nursery.start_soon(_on_signals, fwd, signals, args.routefile)
+                nursery.start_soon(_on_signals, fwd, signals, reload)
                 await fwd.wait_stopped()
                 nursery.cancel_scope.cancel()
     finally:
@@ -132,11 +161,26 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _on_signals(fwd: Forwarder, signals: trio.abc.ReceiveChannel[int], path: str) -> None:
+def _reloader(fwd: Forwarder, path: str) -> Callable[[], Awaitable[dict[str, list[str]]]]:
+    """Re-read the route file and apply it: what SIGHUP and the control `reload` run.
+
+    One at a time: a SIGHUP during a control reload waits for it rather than racing it.
+    Raises ConfigError or ListenError, and the old table stays.
+    """
+    lock = trio.Lock()
+
+    async def reload() -> dict[str, list[str]]:
+        async with lock:
+            return await fwd.reload(load_config(path))
+
+    return reload
+
+
+async def _on_signals(fwd: Forwarder, signals: trio.abc.ReceiveChannel[int], reload: Callable[[], Awaitable[object]]) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
             try:
-                await fwd.reload(load_config(path))
+                await reload()
             except (ConfigError, ListenError) as exc:
                 log.error("reload failed, the old routes stay in force: %s", exc)
         elif not fwd.stopping:
