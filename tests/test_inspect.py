@@ -1,0 +1,253 @@
+"""tools/inspect.py as a user runs it: a subprocess against the real daemon, `top` under a pseudo-terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import pathlib
+import select
+import signal
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+INSPECT = REPO / "tools" / "inspect.py"
+
+
+def load_inspector() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("triofwd_inspector", INSPECT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+inspector = load_inspector()
+
+
+@contextlib.contextmanager
+def threaded_echo() -> Iterator[str]:
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            with contextlib.suppress(OSError):
+                while data := self.request.recv(65536):
+                    self.request.sendall(data)
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo) as server:
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield "127.0.0.1:%d" % server.server_address[1]
+        finally:
+            server.shutdown()
+            thread.join(5)
+
+
+ROUTES = """
+[[routes]]
+name = "echo"
+ports = [0]
+bind = "127.0.0.1"
+targets = ["{target}"]
+
+[[routes]]
+name = "closed"
+ports = [0]
+bind = "127.0.0.1"
+action = "reject"
+"""
+
+
+@pytest.fixture
+def running(daemon: Callable[..., Any], tmp_path: pathlib.Path) -> Iterator[tuple[Any, pathlib.Path]]:
+    """A daemon with a control socket, forwarding to an echo server."""
+    with threaded_echo() as target:
+        path = tmp_path / "c.sock"
+        yield daemon(ROUTES.format(target=target), "--control", str(path)), path
+
+
+def inspect(*args: str, env: dict[str, str] | None = None, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess[str]:
+    # From another directory: the inspector must find its triofwd wherever it is started.
+    return subprocess.run([sys.executable, str(INSPECT), *args], capture_output=True, text=True, timeout=20, env=env, cwd=cwd or pathlib.Path("/"))
+
+
+def live_connection(d: Any, payload: bytes = b"ping") -> socket.socket:
+    sock = socket.create_connection(d.address("echo"), timeout=5)
+    sock.sendall(payload)
+    assert sock.recv(len(payload), socket.MSG_WAITALL) == payload
+    return sock
+
+
+def test_connections_stats_and_kill_for_people_and_for_scripts(running: tuple[Any, pathlib.Path]) -> None:
+    d, path = running
+    s = str(path)
+    with live_connection(d, b"x" * 2048) as client:
+        port = client.getsockname()[1]
+        table = inspect("-s", s, "connections")
+        assert table.returncode == 0, table.stderr
+        header, row = table.stdout.splitlines()
+        assert header.split() == ["ID", "ROUTE", "CLIENT", "TARGET", "STATE", "AGE", "IDLE", "IN", "OUT"]
+        assert row.split()[1:3] == ["echo", f"127.0.0.1:{port}"] and "2.0 KiB" in row
+        [conn] = json.loads(inspect("connections", "--json", "-s", s).stdout)
+        assert conn["client"] == f"127.0.0.1:{port}" and conn["bytes_in"] == 2048
+        assert inspect("-s", s, "connections", "--route", "closed").stdout == "no connections\n"
+        assert json.loads(inspect("-s", s, "connections", "--client", f"127.0.0.1:{port}", "--json").stdout)[0]["id"] == conn["id"]
+
+        stats = inspect("-s", s, "stats")
+        assert stats.returncode == 0 and stats.stdout.startswith("active 1  total 1  accept errors 0  in 2.0 KiB  out 2.0 KiB\n")
+        assert json.loads(inspect("-s", s, "stats", "--json").stdout)["routes"]["echo"]["active"] == 1
+        routes = inspect("-s", s, "routes").stdout.splitlines()
+        assert routes[0].split() == ["NAME", "ACTION", "LISTENING", "TARGETS", "ACTIVE"] and routes[1].split()[:2] == ["echo", "forward"]
+
+        killed = inspect("-s", s, "kill", str(conn["id"]))
+        assert killed.returncode == 0 and killed.stdout == f"killed connection {conn['id']} (route echo, client 127.0.0.1:{port})\n"
+        assert client.recv(1) == b""
+    again = inspect("-s", s, "kill", str(conn["id"]))
+    assert (again.returncode, again.stdout, again.stderr) == (1, "", f"inspect: no connection {conn['id']}\n")
+    stats = json.loads(inspect("-s", s, "stats", "--json").stdout)
+    assert stats["terminations"] == {"killed": 1}
+    assert "killed 1" in inspect("-s", s, "stats").stdout
+
+
+def test_reload_drain_metrics_and_the_default_socket(running: tuple[Any, pathlib.Path]) -> None:
+    d, path = running
+    env = {**os.environ, "TRIOFWD_CONTROL": str(path)}
+    assert inspect("reload", env=env).stdout == "reloaded: no changes\n"
+    d.routefile.write_text(d.routefile.read_text().replace('name = "closed"', 'name = "shut"'))
+    assert inspect("reload", env=env).stdout == "reloaded: added shut; removed closed; changed -\n"
+    assert json.loads(inspect("reload", "--json", env=env).stdout) == {"added": [], "removed": [], "changed": []}
+    metrics = inspect("metrics", env=env)
+    assert metrics.stdout.startswith("# HELP triofwd_") and 'triofwd_connections_active{route="shut"} 0\n' in metrics.stdout
+    assert inspect("drain", env=env).stdout == "draining: listeners closed, 0 connections still open\n"
+    assert "DRAINING" in inspect("stats", env=env).stdout
+
+
+def test_an_unusable_socket_is_exit_2_with_one_line(tmp_path: pathlib.Path) -> None:
+    missing = inspect("-s", str(tmp_path / "none.sock"), "stats")
+    assert (missing.returncode, missing.stderr) == (2, f"inspect: cannot connect to {tmp_path / 'none.sock'}: No such file or directory\n")
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(stale))
+    refused = inspect("-s", str(stale), "stats")
+    assert (refused.returncode, refused.stderr) == (2, f"inspect: cannot connect to {stale}: Connection refused\n")
+
+
+def test_watch_prints_events_as_json_lines_until_interrupted(running: tuple[Any, pathlib.Path]) -> None:
+    d, path = running
+    watch = subprocess.Popen([sys.executable, str(INSPECT), "-s", str(path), "watch", "--json"], stdout=subprocess.PIPE)
+    assert watch.stdout is not None
+    out = watch.stdout.fileno()
+    seen = b""
+    try:
+        deadline = time.monotonic() + 10
+        # The watcher subscribes on its own schedule: make connections until it reports them.
+        while seen.count(b"\n") < 2:
+            assert time.monotonic() < deadline and watch.poll() is None, seen
+            live_connection(d).close()
+            if select.select([out], [], [], 0.1)[0]:
+                seen += os.read(out, 65536)
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0  # Ctrl-C is how a watch ends: not an error
+        seen += watch.stdout.read()
+    finally:
+        watch.kill()
+        watch.wait(10)
+        watch.stdout.close()
+    events = [json.loads(line) for line in seen.decode().splitlines()]
+    first_open = next(i for i, e in enumerate(events) if e["event"] == "open")
+    opened, closed = events[first_open], next(e for e in events[first_open:] if e["event"] == "close")
+    assert closed["id"] == opened["id"] and closed["reason"] in ("normal", "client_reset")
+
+
+# -- top, under a pseudo-terminal ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def top_in_a_terminal(path: pathlib.Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    """`inspect.py top` with a pty as its controlling terminal (so ^C is a real SIGINT)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 160, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, str(INSPECT), "-s", str(path), "top", "--interval", "0.2"],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # after setsid: make the pty ours
+    )  # fmt: skip
+    try:
+        yield proc, master, slave
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        os.close(master)
+        os.close(slave)
+
+
+def read_until(master: int, predicate: Callable[[bytes], bool], timeout: float = 10.0) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while not predicate(out):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, out[-2000:]
+        if select.select([master], [], [], remaining)[0]:
+            out += os.read(master, 65536)
+    return out
+
+
+@pytest.mark.parametrize("key", [b"q", b"\x03"], ids=["q", "ctrl-c"])
+def test_top_refreshes_a_live_table_and_restores_the_terminal(running: tuple[Any, pathlib.Path], key: bytes) -> None:
+    d, path = running
+    with live_connection(d, b"z" * 5000) as client, top_in_a_terminal(path) as (proc, master, slave):
+        before = termios.tcgetattr(slave)
+        port = client.getsockname()[1]
+        # Two frames: the first screen and one refresh of it.
+        screen = read_until(master, lambda out: out.count(b"triofwd top") >= 2 and f"127.0.0.1:{port}".encode() in out)
+        during = termios.tcgetattr(slave)
+        assert during[3] & termios.ICANON == 0 and during[3] & termios.ECHO == 0  # cbreak: keys unechoed, one at a time
+        frame = screen.rsplit(b"\x1b[H\x1b[2J", 1)[1].decode()
+        lines = frame.splitlines()
+        assert lines[0].startswith("triofwd top  1 connections")
+        assert lines[2].split() == ["ID", "ROUTE", "CLIENT", "TARGET", "AGE", "IDLE", "IN", "OUT", "RATE"]
+        assert lines[3].split()[1:3] == ["echo", f"127.0.0.1:{port}"] and "4.9 KiB" in lines[3]
+        os.write(master, key)
+        assert proc.wait(10) == 0
+        rest = read_until(master, lambda out: inspector.ALT_SCREEN_OFF.encode() in out)
+        assert inspector.CURSOR_ON.encode() in rest
+        assert termios.tcgetattr(slave) == before
+
+
+def test_top_frame_sorts_by_throughput_since_the_last_frame() -> None:
+    rows = [
+        {"id": 1, "route": "a", "client": "c1", "target": "t", "age_s": 100.0, "idle_s": 0.0, "bytes_in": 10_000, "bytes_out": 0},
+        {"id": 2, "route": "a", "client": "c2", "target": "t", "age_s": 100.0, "idle_s": 0.0, "bytes_in": 500, "bytes_out": 500},
+        {"id": 3, "route": "a", "client": "c3", "target": None, "age_s": 0.5, "idle_s": 0.5, "bytes_in": 4096, "bytes_out": 0},
+    ]
+    first, totals = inspector.top_frame(rows, {}, None, (200, 50), 1.0)
+    assert [line.split()[0] for line in first[3:]] == ["3", "1", "2"]  # lifetime averages: 8 KiB/s, 100 B/s, 10 B/s
+    assert totals == {1: 10_000, 2: 1000, 3: 4096}
+    rows[1] = {**rows[1], "bytes_out": 500 + 20_480}
+    second, _ = inspector.top_frame(rows, totals, 2.0, (200, 50), 1.0)
+    assert [line.split()[0] for line in second[3:]] == ["2", "1", "3"]  # 10 KiB/s moved in the last 2 s; the others idle
+    assert second[3].endswith("10.0 KiB/s") and second[0].startswith("triofwd top  3 connections  10.0 KiB/s")
+    tiny, _ = inspector.top_frame(rows, totals, 2.0, (20, 4), 1.0)
+    assert len(tiny) == 3 and all(len(line) <= 20 for line in tiny)
+
+
+def test_human_units() -> None:
+    assert [inspector.human_bytes(n) for n in (0, 1023, 1536, 5 * 2**30)] == ["0 B", "1023 B", "1.5 KiB", "5.0 GiB"]
+    assert [inspector.human_duration(s) for s in (0.25, 59, 95, 3 * 3600 + 120, 2 * 86400 + 3600)] == ["0.2s", "59s", "1m35s", "3h02m", "2d01h"]
