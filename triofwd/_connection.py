@@ -55,6 +55,7 @@ class Connection:
     last_activity: float = 0.0
     connect_time: float | None = None  # seconds the successful connect to the target took
     local: tuple[str, int] = ("", 0)  # the address the client connected to
+    path: str = ""  # how bytes move: "splice" (in the kernel) or "copy" (through Python)
     reason: Reason | None = None
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope, repr=False)
 

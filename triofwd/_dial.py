@@ -27,6 +27,8 @@ __all__ = ["connect_failure", "dialed", "format_address"]
 log = logging.getLogger("triofwd.dial")
 
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
+# No socket could be made here (out of fds or memory): the limit is ours, not the target's.
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TIMEOUT = {errno.ETIMEDOUT}
 
 # Delay before happy eyeballs (RFC 8305) starts the next address of a hostname; trio's default.
@@ -42,10 +44,13 @@ def _leaf_errors(exc: BaseException) -> list[BaseException]:
 
 
 def connect_failure(exc: OSError) -> Reason:
-    """The reason for a failed connect: dns_error, connect_refused, connect_timeout or target_unreachable."""
+    """The reason for a failed connect: dns_error, connect_refused, connect_timeout,
+    target_unreachable, or capacity when no socket could be made at all."""
     if isinstance(exc, socket.gaierror):
         return Reason.DNS_ERROR
     codes = {leaf.errno for leaf in _leaf_errors(exc) if isinstance(leaf, OSError)}
+    if codes & _OUT_OF_RESOURCES:
+        return Reason.CAPACITY
     if errno.ECONNREFUSED in codes:
         return Reason.CONNECT_REFUSED
     if codes & _TIMEOUT:

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import itertools
 import logging
+import math
 import types
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
@@ -39,6 +40,7 @@ log = logging.getLogger("triofwd")
 # unexpected accept error is treated the same way rather than ending the listener.
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_BACKOFF = 0.1
+ACCEPT_WARN_INTERVAL = 10.0
 # A watcher (the control socket's `watch`) that falls this many events behind is dropped,
 # so a slow reader can neither slow the forwarding path nor grow memory without bound.
 WATCH_BUFFER = 1024
@@ -260,7 +262,9 @@ class Forwarder:
                 self._listening.start_soon(self._accept_loop, entry, sock)
 
     async def _accept_loop(self, entry: _Listener, listener: trio.SocketListener) -> None:
-        failures = 0
+        failures = 0  # in the current burst
+        warned_at = -math.inf  # when this listener last warned
+        warned = False  # the current burst was warned about
         try:
             with entry.scope:
                 async with listener:
@@ -273,16 +277,19 @@ class Forwarder:
                             if exc.errno in ACCEPT_IGNORED_ERRNOS:
                                 continue  # that one client is gone; nothing wrong with the listener
                             # Out of fds or memory: the pending connection stays queued and the
-                            # socket stays readable, so back off; one warning per burst.
+                            # socket stays readable, so back off. Bursts come in waves when fds
+                            # flap, so warn at most once per ACCEPT_WARN_INTERVAL.
                             self.stats_counters.accept_errors += 1
-                            if not failures:
-                                log.warning("accept on %s failed: %s; backing off", entry.address, exc.strerror or exc)
                             failures += 1
+                            now = trio.current_time()
+                            if not warned and now - warned_at >= ACCEPT_WARN_INTERVAL:
+                                log.warning("accept on %s failed: %s; backing off", entry.address, exc.strerror or exc)
+                                warned, warned_at = True, now
                             await trio.sleep(ACCEPT_BACKOFF)
                             continue
-                        if failures:
+                        if warned:
                             log.warning("accept on %s works again after %d failures", entry.address, failures)
-                            failures = 0
+                        failures, warned = 0, False
                         self._connection_nursery.start_soon(run_connection, self, trio.SocketStream(sock), peer, entry.key)
         finally:
             entries = self._listeners.get(entry.key, [])

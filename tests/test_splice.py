@@ -1,0 +1,93 @@
+"""The zero-copy path: taken where it should be, counting exactly as the copying path does."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+import triofwd._pump
+from tests.conftest import AccessLogCapture, backend, config, connect, echo, forwarder, receive_all, route
+from triofwd._splice import POOL
+
+
+async def one_exchange(payload: bytes) -> tuple[dict, str]:
+    """Send payload through a forward route to an echo target; return the access record and the path."""
+    log = AccessLogCapture()
+    async with backend(echo) as target, forwarder(config(route(targets=[target])), access_log=log) as fwd:
+        client = await connect(fwd)
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                for i in range(0, len(payload), 100_000):
+                    await client.send_all(payload[i : i + 100_000])
+                await client.send_eof()
+
+            nursery.start_soon(send)
+            with trio.fail_after(20):
+                received = await receive_all(client)
+        [conn] = list(fwd.connections.values()) or [None]
+        path = conn.path if conn else ""
+        await client.aclose()
+        [record] = await log.wait(1)
+    assert received == payload
+    return record, path
+
+
+@pytest.fixture
+def copying(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triofwd._pump, "SPLICE", False)
+
+
+async def test_plain_forward_routes_take_the_splice_path() -> None:
+    log = AccessLogCapture()
+    async with backend(echo) as target, forwarder(config(route(targets=[target])), access_log=log) as fwd:
+        client = await connect(fwd)
+        await client.send_all(b"x")
+        assert await client.receive_some() == b"x"
+        [conn] = fwd.connections.values()
+        assert conn.path == "splice"
+
+
+async def test_a_handler_route_copies() -> None:
+    async def hello(stream, info) -> None:  # noqa: ANN001
+        await stream.send_all(b"hi")
+
+    async with forwarder(config(route(action="handler", handler=hello))) as fwd:
+        client = await connect(fwd)
+        assert await receive_all(client) == b"hi"
+
+
+async def test_bytes_are_counted_the_same_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    spliced, path = await one_exchange(payload)
+    monkeypatch.setattr(triofwd._pump, "SPLICE", False)
+    copied, copy_path = await one_exchange(payload)
+    assert (path, copy_path) in {("splice", "copy"), ("", "")}  # "" if the connection closed before it was read
+    assert (spliced["bytes_in"], spliced["bytes_out"]) == (copied["bytes_in"], copied["bytes_out"]) == (len(payload), len(payload))
+    assert spliced["reason"] == copied["reason"] == "normal"
+
+
+async def test_idle_connections_hold_no_pipe() -> None:
+    """Pipes are borrowed per chunk: with traffic stopped, every pipe is back in the pool (or closed)."""
+    pipes_before = sum(1 for target in _fd_targets() if target.startswith("pipe:")) - 2 * len(POOL)
+    async with backend(echo) as target, forwarder(config(route(targets=[target]))) as fwd:
+        clients = [await connect(fwd) for _ in range(20)]
+        for client in clients:
+            await client.send_all(b"ping")
+            assert await client.receive_some() == b"ping"
+        await trio.testing.wait_all_tasks_blocked()
+        pipes_open = sum(1 for target in _fd_targets() if target.startswith("pipe:"))
+        # 20 idle connections hold no pipe: every pipe fd open is the pool's (2 fds each)
+        assert pipes_open - 2 * len(POOL) == pipes_before
+
+
+def _fd_targets() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the directory listing's own fd
+            pass
+    return out
