@@ -6,9 +6,10 @@ pick, then the retries) and counts connections held per target for least-connect
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+
+from ._limits import Held
 
 __all__ = ["Balancer"]
 
@@ -45,11 +46,10 @@ class Balancer:
             seq = [(start + i) % n for i in range(n)]
         return [seq[i % n] for i in range(attempts)]
 
-    @contextlib.contextmanager
-    def hold(self, index: int) -> Iterator[None]:
+    def hold(self, index: int) -> Held:
         """Count one connection on target `index` for as long as the block runs."""
         self.active[index] += 1
-        try:
-            yield
-        finally:
-            self.active[index] -= 1
+        return Held(self._release, index)
+
+    def _release(self, index: int) -> None:
+        self.active[index] -= 1

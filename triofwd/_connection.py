@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,8 +27,8 @@ import trio
 from ._actions import ACTIONS
 from ._dial import format_address
 from ._firstbytes import FirstBytes, read_client_hello, read_proxy_header
-from ._reasons import ConnectionEnded, Reason, deadline_means
-from ._table import CompiledRoute, ListenKey, RouteTable
+from ._reasons import ConnectionEnded, Reason
+from ._table import CompiledRoute, ListenKey
 
 if TYPE_CHECKING:
     from ._server import Forwarder
@@ -113,8 +114,10 @@ async def run_connection(fwd: Forwarder, stream: trio.SocketStream, peer: tuple[
     with fwd._tracked(conn):
         try:
             async with stream:
-                with conn.scope:
+                with conn.scope:  # kill(), the first cause, and max_lifetime (its deadline)
                     await _serve(fwd, conn, stream, listener)
+                if conn.scope.cancelled_caught:
+                    conn.settle(Reason.LIFETIME_EXCEEDED)  # kill() and end() record theirs before cancelling
         except* trio.Cancelled:
             # Cancelled from outside the connection's own scope: the forwarder is stopping.
             conn.settle(Reason.SHUTDOWN)
@@ -135,39 +138,43 @@ async def _serve(fwd: Forwarder, conn: Connection, client: trio.SocketStream, li
     if isinstance(found, CompiledRoute):
         conn.route = found.name  # known before any limit is checked: refusals are logged on their route
     first = FirstBytes()
-    with contextlib.ExitStack() as places, trio.CancelScope(deadline=conn.opened + table.policy.max_lifetime) as lifetime:
-        places.enter_context(fwd._gate.capacity())
-        from_proxy = table.accepts_proxy(listener) and table.is_trusted_proxy(conn.client_ip)
-        if not from_proxy:
-            places.enter_context(fwd._gate.client(conn.client_ip, conn.opened))
-        if reads:
+    conn.scope.deadline = conn.opened + table.policy.max_lifetime
+    first_bytes_due = conn.opened + table.policy.initial_data_timeout
+    with fwd._gate.capacity():
+        if table.accepts_proxy(listener):
+            # Who the client is comes first: from a trusted proxy, its header says so.
             conn.state = "reading"
-            with deadline_means(table.policy.initial_data_timeout, Reason.INITIAL_DATA_TIMEOUT):
-                await _read_first_bytes(table, listener, client, conn, first, from_proxy)
-            if from_proxy:  # now the real client is known: count it, not the proxy
-                places.enter_context(fwd._gate.client(conn.client_ip, trio.current_time()))
-            found = table.match(listener, conn.client_ip, first.hello.server_name if first.hello else None)
-        if not isinstance(found, CompiledRoute):
-            raise ConnectionEnded(found if found is not None else Reason.NO_ROUTE)
-        route = found
-        conn.route = route.name
-        lifetime.deadline = conn.opened + route.policy.max_lifetime
-        places.enter_context(fwd._route_gate(route).admitted(conn.client_ip, trio.current_time()))
-        await ACTIONS[route.action](fwd, conn, client, route, first)
-    if lifetime.cancelled_caught:
-        raise ConnectionEnded(Reason.LIFETIME_EXCEEDED)
+            with _deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
+                await read_proxy_header(client, first, required=table.is_trusted_proxy(conn.client_ip))
+            _take_proxy_header(conn, first)
+        with fwd._gate.client(conn.client_ip, trio.current_time()):
+            if table.reads_client_hello(listener):
+                conn.state = "reading"
+                with _deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
+                    await read_client_hello(client, first)
+            if reads:
+                found = table.match(listener, conn.client_ip, first.hello.server_name if first.hello else None)
+            if not isinstance(found, CompiledRoute):
+                raise ConnectionEnded(found if found is not None else Reason.NO_ROUTE)
+            route = found
+            conn.route = route.name
+            conn.scope.deadline = conn.opened + route.policy.max_lifetime
+            with fwd._route_gate(route).admitted(conn.client_ip, trio.current_time()):
+                await ACTIONS[route.action](fwd, conn, client, route, first)
 
 
-async def _read_first_bytes(
-    table: RouteTable, listener: ListenKey, client: trio.SocketStream, conn: Connection, first: FirstBytes, from_proxy: bool
-) -> None:
-    """The PROXY header (where this port accepts one), then the ClientHello (where routing needs it)."""
-    if table.accepts_proxy(listener):
-        await read_proxy_header(client, first, required=from_proxy)
-        header = first.proxy
-        if header is not None and header.command == "PROXY" and header.source and header.destination:
-            conn.client_ip, conn.client_port = header.source
-            conn.client = format_address(header.source)
-            conn.local = header.destination
-    if table.reads_client_hello(listener):
-        await read_client_hello(client, first)
+def _take_proxy_header(conn: Connection, first: FirstBytes) -> None:
+    """From here on the connection is the one the PROXY header describes."""
+    header = first.proxy
+    if header is not None and header.command == "PROXY" and header.source and header.destination:
+        conn.client_ip, conn.client_port = header.source
+        conn.client = format_address(header.source)
+        conn.local = header.destination
+
+
+@contextlib.contextmanager
+def _deadline_at(deadline: float, reason: Reason) -> Iterator[None]:
+    with trio.CancelScope(deadline=deadline) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise ConnectionEnded(reason)

@@ -7,13 +7,12 @@ as a `with` block runs, so a count can never drift from the connections that exi
 from __future__ import annotations
 
 import collections
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 
 from ._reasons import ConnectionEnded, Reason
 from ._table import Limits
 
-__all__ = ["Gate", "RateLimiter"]
+__all__ = ["Gate", "Held", "RateLimiter"]
 
 # Rate buckets that are full again carry no information; they are swept once the map
 # holds this many, so a flood of distinct addresses cannot grow memory without bound.
@@ -69,14 +68,17 @@ class Gate:
             self.rate = RateLimiter(*rate) if rate else None
         self.limits = limits
 
-    @contextlib.contextmanager
-    def admitted(self, ip: str, now: float) -> Iterator[None]:
+    def admitted(self, ip: str, now: float) -> Held:
         """Hold a place for one connection from `ip` while the block runs: both holds below."""
-        with self.capacity(), self.client(ip, now):
-            yield
+        capacity = self.capacity()
+        try:
+            client = self.client(ip, now)
+        except BaseException:
+            capacity.__exit__(None, None, None)
+            raise
+        return Held(lambda: (client.__exit__(None, None, None), capacity.__exit__(None, None, None)))
 
-    @contextlib.contextmanager
-    def capacity(self) -> Iterator[None]:
+    def capacity(self) -> Held:
         """Hold one of `max_connections` places, or raise ConnectionEnded(capacity).
 
         Taken at accept, before any byte is read, so that connections still sending their
@@ -85,13 +87,9 @@ class Gate:
         if self.limits.max_connections and self.active >= self.limits.max_connections:
             raise ConnectionEnded(Reason.CAPACITY)
         self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
+        return Held(self._release_capacity)
 
-    @contextlib.contextmanager
-    def client(self, ip: str, now: float) -> Iterator[None]:
+    def client(self, ip: str, now: float) -> Held:
         """Hold a place for one connection from `ip`: the per-IP count, then the rate.
 
         Taken once the client's address is known (after a PROXY header, where one is
@@ -103,9 +101,32 @@ class Gate:
         if self.rate is not None and not self.rate.allow(ip, now):
             raise ConnectionEnded(Reason.RATE_LIMITED)
         self.per_ip[ip] += 1
-        try:
-            yield
-        finally:
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
+        return Held(self._release_client, ip)
+
+    def _release_capacity(self) -> None:
+        self.active -= 1
+
+    def _release_client(self, ip: str) -> None:
+        self.per_ip[ip] -= 1
+        if not self.per_ip[ip]:
+            del self.per_ip[ip]
+
+
+class Held:
+    """A place taken when it was made; leaving its `with` block gives it back.
+
+    A small object rather than a generator-based context manager: one lives for the whole
+    of every connection, and a generator frame costs several times its size.
+    """
+
+    __slots__ = ("_args", "_release")
+
+    def __init__(self, release: Callable[..., object], *args: object) -> None:
+        self._release = release
+        self._args = args
+
+    def __enter__(self) -> Held:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release(*self._args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from functools import partial
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -50,26 +51,30 @@ def _failure_means(reason: Reason) -> Iterator[None]:
 
 
 class Traffic:
-    """One connection's activity clock: bytes, the inactivity deadline, half-close."""
+    """One connection's activity clock: bytes, and one scope for inactivity and half-close.
 
-    __slots__ = ("conn", "idle", "half", "done", "window", "half_window", "warn_after", "open_directions")
+    The scope's deadline is the earlier of "last byte + idle window" and "first EOF +
+    half_close_timeout"; one scope instead of two keeps an idle connection small.
+    """
 
-    def __init__(self, conn: Connection, idle: trio.CancelScope, half: trio.CancelScope, done: trio.CancelScope, policy: Policy) -> None:
+    __slots__ = ("conn", "scope", "window", "half_window", "half_deadline", "warn_after", "open_directions", "finished")
+
+    def __init__(self, conn: Connection, scope: trio.CancelScope, policy: Policy) -> None:
         self.conn = conn
-        self.idle = idle
-        self.half = half
-        self.done = done
+        self.scope = scope
         self.window = policy.idle_window
         self.half_window = policy.half_close_timeout
+        self.half_deadline = math.inf
         self.warn_after = policy.idle_warning_after
         self.open_directions = 2
+        self.finished = False
 
     def seen(self) -> None:
         """A byte moved: push the inactivity deadline."""
         now = trio.current_time()
         self.conn.last_activity = now
         if self.window != math.inf:
-            self.idle.deadline = now + self.window
+            self.scope.deadline = min(now + self.window, self.half_deadline)
 
     def moved(self, direction: str, n: int) -> None:
         """`n` bytes were delivered in `direction`."""
@@ -84,10 +89,23 @@ class Traffic:
 
         An EOF is a packet from a live peer, so it counts as activity too.
         """
-        self.seen()
         self.open_directions -= 1
         if self.open_directions == 1 and self.half_window != math.inf:
-            self.half.deadline = trio.current_time() + self.half_window
+            self.half_deadline = trio.current_time() + self.half_window
+            self.scope.deadline = min(self.scope.deadline, self.half_deadline)
+        self.seen()
+
+    def finish(self) -> None:
+        """End the traffic normally now (an EOF toward a stream that cannot half-close)."""
+        self.seen()
+        self.finished = True
+        self.scope.cancel()
+
+    def expired(self) -> Reason | None:
+        """Why the scope ended the traffic, if a deadline did."""
+        if not self.scope.cancelled_caught or self.finished:
+            return None
+        return Reason.HALF_CLOSE_TIMEOUT if trio.current_time() >= self.half_deadline else Reason.INACTIVITY_TIMEOUT
 
     async def warn_when_idle(self) -> None:
         """keepalive = "extended": log one warning when the grace period starts."""
@@ -101,15 +119,14 @@ class Traffic:
 
 @contextlib.contextmanager
 def traffic_scopes(conn: Connection, policy: Policy) -> Iterator[Traffic]:
-    """The inactivity and half-close scopes; leaving them by a deadline ends the connection."""
-    with trio.CancelScope() as idle, trio.CancelScope() as half, trio.CancelScope() as done:
-        traffic = Traffic(conn, idle, half, done, policy)
+    """The traffic scope; leaving it by a deadline ends the connection (inactivity or half-close)."""
+    with trio.CancelScope() as scope:
+        traffic = Traffic(conn, scope, policy)
         traffic.seen()
         yield traffic
-    if half.cancelled_caught:
-        raise ConnectionEnded(Reason.HALF_CLOSE_TIMEOUT)
-    if idle.cancelled_caught:
-        raise ConnectionEnded(Reason.INACTIVITY_TIMEOUT)
+    reason = traffic.expired()
+    if reason is not None:
+        raise ConnectionEnded(reason)
 
 
 async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, direction: str) -> None:
@@ -119,16 +136,32 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
     otherwise (TLS, a handler's stream) they are copied. Either way they are counted and
     timed the same. A TLS stream has no write shutdown (trio's SSLStream cannot
     half-close): an EOF toward one ends the whole connection, normally, once what was
-    read is delivered.
+    read is delivered. The splice loop is written out here rather than in a helper: every
+    idle connection keeps this frame alive, and each extra frame is memory per connection.
     """
     src_failed, dst_failed = _RESET[direction]
     if SPLICE and type(src) is trio.SocketStream and type(dst) is trio.SocketStream:
-        await _move_spliced(src.socket, dst.socket, traffic, direction)
+        src_sock, dst_sock = src.socket, dst.socket
+        while True:
+            try:
+                with POOL.borrowed() as pipe:
+                    n, waited = await splice_chunk(src_sock, dst_sock, pipe)
+            except SpliceError as exc:
+                raise ConnectionEnded(src_failed if exc.side == "src" else dst_failed, str(exc.error)) from exc
+            if n is None:  # nothing to read yet: wait without holding a pipe
+                await trio.lowlevel.wait_readable(src_sock)
+                continue
+            if n == 0:
+                break
+            traffic.moved(direction, n)
+            if not waited:
+                # One trip through the scheduler per chunk: cancellation stays prompt and
+                # a busy connection cannot starve the others.
+                await trio.lowlevel.checkpoint()
     else:
         await _move_copied(src, dst, traffic, direction)
     if not isinstance(dst, trio.abc.HalfCloseableStream):
-        traffic.seen()
-        traffic.done.cancel()
+        traffic.finish()
         return
     with _failure_means(dst_failed):
         await dst.send_eof()
@@ -148,26 +181,6 @@ async def _move_copied(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traf
         traffic.moved(direction, len(data))
 
 
-async def _move_spliced(src: trio.socket.SocketType, dst: trio.socket.SocketType, traffic: Traffic, direction: str) -> None:
-    src_failed, dst_failed = _RESET[direction]
-    while True:
-        try:
-            with POOL.borrowed() as pipe:
-                n, waited = await splice_chunk(src, dst, pipe)
-        except SpliceError as exc:
-            raise ConnectionEnded(src_failed if exc.side == "src" else dst_failed, str(exc.error)) from exc
-        if n is None:  # nothing to read yet: wait without holding a pipe
-            await trio.lowlevel.wait_readable(src)
-            continue
-        if n == 0:
-            return
-        traffic.moved(direction, n)
-        if not waited:
-            # One trip through the scheduler per chunk: cancellation stays prompt and
-            # a busy connection cannot starve the others.
-            await trio.lowlevel.checkpoint()
-
-
 async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stream, policy: Policy, initial: bytes = b"") -> None:
     """Bytes both ways until both directions are done, with `initial` sent to the target first."""
     spliced = SPLICE and type(client) is trio.SocketStream and type(target) is trio.SocketStream
@@ -177,11 +190,12 @@ async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stre
             with _failure_means(Reason.TARGET_RESET):
                 await target.send_all(initial)
             traffic.moved(IN, len(initial))
-        await run_watched(
-            traffic,
-            lambda: pump(client, target, traffic, IN),
-            lambda: pump(target, client, traffic, OUT),
-        )
+        if traffic.warn_after != math.inf:
+            await run_watched(traffic, partial(pump, client, target, traffic, IN), partial(pump, target, client, traffic, OUT))
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, target, traffic, IN)
+            await pump(target, client, traffic, OUT)  # in this task: one task fewer per connection
 
 
 async def run_watched(traffic: Traffic, *jobs: Callable[[], Awaitable[object]]) -> None:
