@@ -56,7 +56,7 @@ GOLDEN_SINGLE_V4 = HEADER + """\
 
     chain postrouting {
         type nat hook postrouting priority 100; policy accept;
-        meta nfproto ipv4 ct original protocol tcp ct status dnat ct original proto-dst @ports_web ct reply ip saddr . ct reply proto-src @targets_web masquerade
+        oif != "lo" meta nfproto ipv4 ct original protocol tcp ct status dnat ct original proto-dst @ports_web ct reply ip saddr . ct reply proto-src @targets_web masquerade
     }
 
     chain count_in {
@@ -135,7 +135,7 @@ GOLDEN_V6 = HEADER + """\
 
     chain postrouting {
         type nat hook postrouting priority 100; policy accept;
-        meta nfproto ipv6 ct original protocol tcp ct status dnat ct original proto-dst @ports_v6 ct reply ip6 saddr . ct reply proto-src @targets_v6 masquerade
+        oif != "lo" meta nfproto ipv6 ct original protocol tcp ct status dnat ct original proto-dst @ports_v6 ct reply ip6 saddr . ct reply proto-src @targets_v6 masquerade
     }
 
     chain count_in {
@@ -203,8 +203,8 @@ GOLDEN_ACL_TWO_ROUTES = HEADER + """\
 
     chain postrouting {
         type nat hook postrouting priority 100; policy accept;
-        meta nfproto ipv4 ct original protocol tcp ct status dnat ct original ip daddr 10.0.0.1 ct original proto-dst @ports_acl ct reply ip saddr . ct reply proto-src @targets_acl masquerade
-        meta nfproto ipv4 ct original protocol tcp ct status dnat ct original ip daddr 10.0.0.9 ct original proto-dst @ports_open ct reply ip saddr . ct reply proto-src @targets_open masquerade
+        oif != "lo" meta nfproto ipv4 ct original protocol tcp ct status dnat ct original ip daddr 10.0.0.1 ct original proto-dst @ports_acl ct reply ip saddr . ct reply proto-src @targets_acl masquerade
+        oif != "lo" meta nfproto ipv4 ct original protocol tcp ct status dnat ct original ip daddr 10.0.0.9 ct original proto-dst @ports_open ct reply ip saddr . ct reply proto-src @targets_open masquerade
     }
 
     chain count_in {

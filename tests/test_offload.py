@@ -226,11 +226,6 @@ def test_sigkill_leaves_the_table_and_a_restart_replaces_it(daemon: dict[str, An
     assert restarted["log_errors"] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: KernelRules.prepare (triofwd/_offload.py) returns early when the table has no offload"
-    " route, so a stale `triofwd` table left by a crash is neither replaced at start nor removed at stop",
-)
 def test_restart_without_offload_routes_removes_a_stale_table(daemon: dict[str, Any]) -> None:
     stale = daemon["stale_without_offload"]
     assert stale["tables_after_kill"] == 1
@@ -491,11 +486,5 @@ def test_preserve_source_ip_works_with_loopback_addresses_only(loonly: dict[str,
     reached(loonly["preserve"], TARGET_A)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the masquerade rule (triofwd/_nft.py render_ruleset) also matches loopback-to-loopback"
-    " connections; masquerade needs a global-scope source address, so where the host has none the SYN"
-    " is dropped (fix: only masquerade what leaves through another interface, `oif != \"lo\"`)",
-)
 def test_masquerade_works_with_loopback_addresses_only(loonly: dict[str, Any]) -> None:
     reached(loonly["masquerade"], TARGET_A)

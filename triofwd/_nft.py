@@ -472,7 +472,9 @@ def render_ruleset(rules: Sequence[OffloadRule], table: str = DEFAULT_TABLE) -> 
         body: list[list[str]] = [_route_objects(route) for route in routes]
         dnat = [rule for route in routes for rule in _dnat_rules(route)]
         masquerade = [
-            f"{_connection_match(route)} masquerade" for route in routes if route.masquerade
+            # Not toward lo: a loopback-to-loopback connection has no other source address
+            # to take, and masquerading it drops the SYN on a host with only loopback.
+            f'oif != "lo" {_connection_match(route)} masquerade' for route in routes if route.masquerade
         ]
         count_in = [
             f'iif != "lo" {_connection_match(route)} counter name "{COUNTER_PREFIX}{route.name}"'

@@ -41,6 +41,7 @@ class KernelRules:
     def __init__(self) -> None:
         self.installed = False
         self.counters: dict[str, tuple[int, int]] = {}
+        self._first = True
 
     async def prepare(self, table: RouteTable) -> RouteTable:
         """Install the table's offload rules (one transaction), or fall back, or raise OffloadError.
@@ -49,8 +50,13 @@ class KernelRules:
         offload_fallback = "forward" are forwarded in user space instead.
         """
         offload = [r for r in table.routes if r.action == "offload"]
+        first, self._first = self._first, False
         if not offload:
             if self.installed:
+                await self.remove()
+            elif first and await trio.to_thread.run_sync(_nft.nft_available) is None:
+                # A table left by a run that was killed still redirects its ports: the
+                # table is ours by name, so it goes even if no route offloads now.
                 await self.remove()
             return table
         problem = await trio.to_thread.run_sync(_nft.nft_available)
