@@ -2,10 +2,11 @@
 
     accept ─► connection task (in the forwarder's connection nursery)
                 tracked: in the table until the task leaves, then its end recorded once
-                connection scope: kill() and the first cause cancel it
-                  lifetime scope (max_lifetime)
-                    limits ─ route table ─ action: forward | reject | handler
-                      forward: dial (connect_timeout, retries) ─ relay (inactivity, half-close)
+                connection scope: kill() and the first cause cancel it; max_lifetime is its deadline
+                  capacity ─ first bytes (PROXY header, ClientHello; initial_data_timeout)
+                    per-client limits ─ route table ─ action: forward | bridge | reject | handler | offload
+                      forward: dial (connect_timeout, retries) ─ relay: the pumps' nursery, whose
+                               deadline is the inactivity or half-close deadline
               leaving: both sockets closed, counts released, reason counted, log line written
 
 No cleanup is called by hand: each resource is a `with` block, and every path out of

@@ -182,20 +182,28 @@ async def _move_copied(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traf
 
 
 async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stream, policy: Policy, initial: bytes = b"") -> None:
-    """Bytes both ways until both directions are done, with `initial` sent to the target first."""
+    """Bytes both ways until both directions are done, with `initial` sent to the target first.
+
+    The pumps' nursery's own cancel scope is the traffic scope: its deadline is the
+    inactivity (or half-close) deadline, so an idle connection carries no extra scope.
+    """
     spliced = SPLICE and type(client) is trio.SocketStream and type(target) is trio.SocketStream
     conn.path = "splice" if spliced else "copy"
-    with traffic_scopes(conn, policy) as traffic:
+    async with trio.open_nursery() as nursery:
+        traffic = Traffic(conn, nursery.cancel_scope, policy)
+        traffic.seen()
         if initial:
             with _failure_means(Reason.TARGET_RESET):
                 await target.send_all(initial)
             traffic.moved(IN, len(initial))
         if traffic.warn_after != math.inf:
-            await run_watched(traffic, partial(pump, client, target, traffic, IN), partial(pump, target, client, traffic, OUT))
-            return
-        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_watched, traffic, partial(pump, client, target, traffic, IN), partial(pump, target, client, traffic, OUT))
+        else:
             nursery.start_soon(pump, client, target, traffic, IN)
             await pump(target, client, traffic, OUT)  # in this task: one task fewer per connection
+    reason = traffic.expired()
+    if reason is not None:
+        raise ConnectionEnded(reason)
 
 
 async def run_watched(traffic: Traffic, *jobs: Callable[[], Awaitable[object]]) -> None:
