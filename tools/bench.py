@@ -76,6 +76,15 @@ METRICS = {  # key: (column title, unit, higher is better)
     "cps": ("new conn/s", "conn/s", True),
     "idle": ("KiB / idle conn", "KiB", False),
 }
+# The same throughputs divided by the forwarder's CPU share during the measurement: work per
+# second of the forwarder's own CPU time. On a shared machine, where other work takes the
+# forwarder's core now and then, these move much less between runs than the rates above.
+PER_CPU = {  # key: (column title, metric, its CPU share key)
+    "bulk1": ("1 stream GB per CPU-s", "bulk1_cpu"),
+    "bulk8": ("8 streams GB per CPU-s", "bulk8_cpu"),
+    "rps": ("keep-alive req per CPU-s", "rps_cpu"),
+    "cps": ("new conn per CPU-s", "cps_cpu"),
+}
 GROUPS = {"idle": ["idle"], "bulk": ["bulk1", "bulk8"], "http": ["rps", "p99", "cps"]}
 
 HTTP_CONNECTIONS = 64
@@ -121,13 +130,13 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def session_members(sid: int) -> list[int]:
-    """Live processes of session `sid` (a process we started with start_new_session)."""
+def session_members(sid: int, *, zombies: bool = False) -> list[int]:
+    """Processes of session `sid` (a process we started with start_new_session)."""
     members = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             fields = _stat_fields(int(entry.name))
-            if fields and int(fields[3]) == sid and fields[0] != "Z":
+            if fields and int(fields[3]) == sid and (zombies or fields[0] != "Z"):
                 members.append(int(entry.name))
     return members
 
@@ -268,6 +277,7 @@ class Rig:
 
     tmp: Path
     maxconn: int
+    forwarder_cpus: str = ""  # the CPUs the forwarder is pinned to ("": not pinned)
     python: str = sys.executable
 
 
@@ -575,26 +585,63 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(sid: int) -> float:
-    """CPU time (user + system, reaped children included) used so far by session `sid`."""
+    """CPU time (user + system) used so far by session `sid`.
+
+    Exited children count too: a zombie's own times until it is reaped, its parent's
+    cutime/cstime after (socat's children).
+    """
     total = 0
-    for pid in session_members(sid):
+    for pid in session_members(sid, zombies=True):
         if fields := _stat_fields(pid):
             total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
     return total / CLOCK_TICKS
 
 
-@contextlib.contextmanager
-def cpu_share(proc: Proc | None, into: dict[str, float], key: str) -> Iterator[None]:
-    """Record the forwarder's CPU use during the block as a share of one core (1.0 = a full core).
+def cpus_busy(cpus: str) -> float:
+    """Busy time of the CPUs in the list (everything but idle and iowait), seconds."""
+    wanted = {f"cpu{c}" for c in cpus.split(",")} if cpus else {"cpu"}
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name in wanted:
+            # user nice system idle iowait irq softirq steal: steal is time the host gave away
+            total += sum(int(t) for i, t in enumerate(ticks[:8]) if i not in (3, 4))
+    return total / CLOCK_TICKS
 
-    Near 1.0 the forwarder is the bottleneck; well below, the load side or the backend is.
+
+@contextlib.contextmanager
+def cpu_share(proc: Proc | None, cpus: str, into: dict[str, float], key: str) -> Iterator[None]:
+    """Record the forwarder's CPU use during the block as a share of one core (1.0 = a full core),
+    and how busy its CPU(s) were in all (`key`_busy; with pinning, the difference is mostly
+    other work on this shared machine taking the forwarder's core).
+
+    Near 1.0 the forwarder is the bottleneck; well below with its core not busy, the load side is.
     """
     if proc is None:
         yield
         return
-    c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+    c0, b0, t0 = cpu_seconds(proc.pid), cpus_busy(cpus), time.monotonic()
     yield
-    into[key] = round((cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0), 3)
+    elapsed = time.monotonic() - t0
+    busy = cpus_busy(cpus)
+    # socat's children exit when the load generator's connections close; a child reaped while
+    # /proc is being read would be counted neither as itself nor in its parent's cutime.
+    _wait_quiet(proc.pid)
+    into[key] = round((cpu_seconds(proc.pid) - c0) / elapsed, 3)
+    ncpus = len(cpus.split(",")) if cpus else (os.cpu_count() or 1)
+    into[f"{key}_busy"] = round((busy - b0) / elapsed / ncpus, 3)
+
+
+def _wait_quiet(sid: int, timeout: float = 2.0) -> None:
+    """Until session `sid` has no zombies and kept its size for 50 ms."""
+    deadline = time.monotonic() + timeout
+    last = session_members(sid, zombies=True)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = session_members(sid, zombies=True)
+        if len(now) == len(last) and len(now) == len(session_members(sid)):
+            return
+        last = now
 
 
 def pss_kib(sid: int) -> int:
@@ -707,6 +754,17 @@ class Results:
         values = self.values[row][metric]
         return statistics.median(values) if values else None
 
+    def per_cpu(self, row: str, metric: str) -> float | None:
+        """Median over the runs of the metric divided by the forwarder's CPU share in that run."""
+        share = PER_CPU[metric][1]
+        values = [run[metric] / run[share] for run in self.extra[row] if run.get(share) and metric in run]
+        return statistics.median(values) if values else None
+
+    def contention(self) -> list[float]:
+        """For each throughput measurement: the share of the forwarder's core that others used."""
+        return [max(0.0, run[f"{share}_busy"] - run[share]) for runs in self.extra.values() for run in runs
+                for _, share in PER_CPU.values() if f"{share}_busy" in run]  # fmt: skip
+
     def spread(self, row: str, metric: str) -> float | None:
         """(max - min) / median over the runs: the noise of that cell."""
         values = self.values[row][metric]
@@ -743,17 +801,17 @@ def run_group(
             shown = f"{values['idle']:.2f} KiB/conn"
         elif group == "bulk":
             cpu: dict[str, float] = {}
-            with cpu_share(proc, cpu, "bulk1_cpu"):
+            with cpu_share(proc, rig.forwarder_cpus, cpu, "bulk1_cpu"):
                 values = {"bulk1": measure_bulk(port, 1, cfg.duration, cfg.omit)}
-            with cpu_share(proc, cpu, "bulk8_cpu"):
+            with cpu_share(proc, rig.forwarder_cpus, cpu, "bulk8_cpu"):
                 values["bulk8"] = measure_bulk(port, PARALLEL_STREAMS, cfg.duration, cfg.omit)
             values.update(cpu)
             shown = f"{values['bulk1']:.2f} / {values['bulk8']:.2f} GB/s" + _cpu_note(cpu)
         else:
             cpu = {}
-            with cpu_share(proc, cpu, "rps_cpu"):
+            with cpu_share(proc, rig.forwarder_cpus, cpu, "rps_cpu"):
                 ka = measure_http(port, cfg.duration, close=False)
-            with cpu_share(proc, cpu, "cps_cpu"):
+            with cpu_share(proc, rig.forwarder_cpus, cpu, "cps_cpu"):
                 cc = measure_http(port, cfg.duration, close=True)
             values = {"rps": ka["rps"], "p99": ka["p99"], "cps": cc["rps"], "cps_p99": cc["p99"],
                       "rps_errors": ka["errors"], "cps_errors": cc["errors"], **cpu}  # fmt: skip
@@ -776,7 +834,9 @@ def run_group(
 
 
 def _cpu_note(cpu: dict[str, float]) -> str:
-    return f"  [forwarder CPU {' / '.join(f'{v:.0%}' for v in cpu.values())}]" if cpu else ""
+    """The forwarder's CPU share in each measurement, and how busy its core was in all."""
+    shares = [f"{v:.0%} (core busy {cpu.get(k + '_busy', 0):.0%})" for k, v in cpu.items() if not k.endswith("_busy")]
+    return f"  [forwarder CPU {' / '.join(shares)}]" if shares else ""
 
 
 def raise_fd_limit(idle: int) -> int:
@@ -865,6 +925,25 @@ def table(results: Results, rows: list[str], *, spread: bool = False) -> str:
     return "\n".join(lines)
 
 
+def per_cpu_table(results: Results, rows: list[str]) -> str:
+    head = ["forwarder", *(title for title, _ in PER_CPU.values())]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {m: results.per_cpu("triofwd", m) if "triofwd" in results.values else None for m in PER_CPU}
+    for row in rows:
+        if row == "direct":
+            continue
+        cells = [f"**{row}**" if row == "triofwd" else row]
+        for m in PER_CPU:
+            value = results.per_cpu(row, m)
+            if value is None:
+                cells.append("n/a")
+                continue
+            ratio = f" ({value / base[m]:.2f}x)" if base[m] and row != "triofwd" else ""
+            cells.append(_fmt(m, value) + ratio)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def verdicts(results: Results) -> list[str]:
     out = []
     if "triofwd" not in results.values:
@@ -919,7 +998,7 @@ def main(argv: list[str] | None = None) -> int:
     pin.apply_to_self()
     tmp = Path(tempfile.mkdtemp(prefix="triofwd-bench-"))
     procs = Processes(tmp, pin)
-    rig = Rig(tmp=tmp, maxconn=cfg.idle + 1000)
+    rig = Rig(tmp=tmp, maxconn=cfg.idle + 1000, forwarder_cpus=pin.forwarder)
     results = Results(rows)
     started = time.monotonic()
     meta: dict[str, Any] = {
@@ -966,6 +1045,12 @@ def main(argv: list[str] | None = None) -> int:
                if results.median(row, GROUPS[g][0]) is not None and (n := results.failed_runs(row, GROUPS[g][0]))]  # fmt: skip
     if partial:
         out += ["", "failed runs:", *partial]
+    if any(results.per_cpu(r, m) is not None for r in rows for m in PER_CPU):
+        out += ["", "per second of the forwarder's own CPU time (median over the runs of rate / CPU share):", "",
+                per_cpu_table(results, rows)]  # fmt: skip
+    if contention := results.contention():
+        out += ["", "other work on the forwarder's core (its busy time minus the forwarder's share) during the "
+                f"throughput measurements: median {statistics.median(contention):.0%}, max {max(contention):.0%}"]  # fmt: skip
     if cfg.runs > 1:
         out += ["", "spread over the runs, (max - min) / median:", "", table(results, rows, spread=True)]
     if checks := verdicts(results):
@@ -976,6 +1061,8 @@ def main(argv: list[str] | None = None) -> int:
         **meta,
         "interrupted": interrupted,
         "medians": {r: {m: results.median(r, m) for m in METRICS} for r in rows},
+        "per_cpu_medians": {r: {m: results.per_cpu(r, m) for m in PER_CPU} for r in rows},
+        "others_on_forwarder_core": results.contention(),
         "runs": {r: results.extra[r] for r in rows},
         "errors": results.errors,
         "failures": results.failures,
