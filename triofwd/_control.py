@@ -641,6 +641,12 @@ async def _client_handshake(nursery: trio.Nursery, stream: trio.SocketStream) ->
 
 def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
     leaves = list(_leaves(group))
+    # Ctrl-C lands in whichever task runs (often the WebSocket reader); what the other
+    # tasks raise then is its consequence, so it is the one to report.
+    interrupts = [exc for exc in leaves if isinstance(exc, KeyboardInterrupt)]
+    if interrupts:
+        return interrupts[0]
+    leaves = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)] or leaves
     if len(leaves) != 1:
         return group
     exc = leaves[0]
