@@ -148,6 +148,17 @@ def test_an_unusable_socket_is_exit_2_with_one_line(tmp_path: pathlib.Path) -> N
     assert (refused.returncode, refused.stderr) == (2, f"inspect: cannot connect to {stale}: Connection refused\n")
 
 
+def open_then_close(events: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The first connection seen opening and then closing, if the events hold one."""
+    opened = {}
+    for event in events:
+        if event["event"] == "open":
+            opened[event["id"]] = event
+        elif event["id"] in opened:
+            return opened[event["id"]], event
+    return None
+
+
 def test_watch_prints_events_as_json_lines_until_interrupted(running: tuple[Any, pathlib.Path]) -> None:
     d, path = running
     watch = subprocess.Popen([sys.executable, str(INSPECT), "-s", str(path), "watch", "--json"], stdout=subprocess.PIPE)
@@ -156,8 +167,9 @@ def test_watch_prints_events_as_json_lines_until_interrupted(running: tuple[Any,
     seen = b""
     try:
         deadline = time.monotonic() + 10
-        # The watcher subscribes on its own schedule: make connections until it reports them.
-        while seen.count(b"\n") < 2:
+        # The watcher subscribes on its own schedule: make connections until it has
+        # reported one from its open to its close.
+        while not open_then_close([json.loads(line) for line in seen.splitlines(keepends=True) if line.endswith(b"\n")]):
             assert time.monotonic() < deadline and watch.poll() is None, seen
             live_connection(d).close()
             if select.select([out], [], [], 0.1)[0]:
@@ -169,10 +181,11 @@ def test_watch_prints_events_as_json_lines_until_interrupted(running: tuple[Any,
         watch.kill()
         watch.wait(10)
         watch.stdout.close()
-    events = [json.loads(line) for line in seen.decode().splitlines()]
-    first_open = next(i for i, e in enumerate(events) if e["event"] == "open")
-    opened, closed = events[first_open], next(e for e in events[first_open:] if e["event"] == "close")
-    assert closed["id"] == opened["id"] and closed["reason"] in ("normal", "client_reset")
+    found = open_then_close([json.loads(line) for line in seen.decode().splitlines()])
+    assert found
+    opened, closed = found
+    assert closed["event"] == "close" and closed["reason"] in ("normal", "client_reset") and closed["route"] == "echo"
+    assert opened["client"] == closed["client"]
 
 
 # -- top, under a pseudo-terminal ---------------------------------------------------------------
