@@ -78,6 +78,7 @@ CLOSE_TIMEOUT = 1.0
 # Concurrent control clients; more are refused (a runaway script, not an operator).
 MAX_SESSIONS = 64
 LISTEN_BACKLOG = 16
+ABNORMAL_CLOSURE = 1006  # RFC 6455 7.4.1: the connection ended without a close frame
 # sun_path is 108 bytes on Linux, including the terminating NUL (unix(7)).
 SUN_PATH_MAX = 107
 # struct ucred {pid_t pid; uid_t uid; gid_t gid;} (unix(7), SO_PEERCRED)
@@ -596,8 +597,10 @@ def _mapped_client_errors() -> Iterator[None]:
         yield
     except trio_websocket.ConnectionClosed as exc:
         reason = exc.reason
-        detail = f": {reason.code} {reason.reason or reason.name}" if reason else ""
-        raise ControlConnectionError(f"control connection closed{detail}") from None
+        if reason is None or reason.code == ABNORMAL_CLOSURE:
+            # No close frame: the daemon stopped (or cut off a client that did not read).
+            raise ControlConnectionError("control connection lost: the daemon stopped or dropped it") from None
+        raise ControlConnectionError(f"control connection closed: {reason.code} {reason.reason or reason.name}") from None
 
 
 @contextlib.asynccontextmanager
