@@ -16,6 +16,7 @@ from ._actions import HandlerInfo
 from ._connection import Connection
 from ._control import ControlError, metrics_text, open_control, serve_control
 from ._metrics_http import serve_metrics
+from ._offload import OffloadError
 from ._reasons import ConnectionEnded, Reason
 from ._server import Forwarder, ListenError, serve
 
@@ -30,6 +31,7 @@ __all__ = [
     "HandlerInfo",
     "HealthCheck",
     "ListenError",
+    "OffloadError",
     "Reason",
     "Route",
     "Settings",

@@ -24,7 +24,9 @@ from ._config import ConfigError, load_config
 from ._control import ControlServer, bind_control_socket, metrics_text
 from ._log import setup_logging
 from ._metrics_http import bind_metrics, serve_metrics_on
+from ._offload import ruleset_text
 from ._server import Forwarder, ListenError, serve
+from ._table import compile_table
 
 __all__ = ["main"]
 
@@ -69,7 +71,7 @@ def _check(path: str, show_nft: bool) -> int:
             print(f"{path}: {line}", file=sys.stderr)
         return EXIT_INVALID
     if show_nft:
-        print("# no offload routes: triofwd would install no nftables rules")
+        print(ruleset_text(compile_table(config)), end="")
     print(f"ok: {len(config.routes)} routes")
     return 0
 

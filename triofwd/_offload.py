@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from . import _nft
+from ._errors import ListenError
 from ._table import RouteTable, offload_rule, with_routes
 
 __all__ = ["KernelRules", "OffloadError", "kernel_rules", "ruleset_text"]
@@ -26,8 +27,15 @@ log = logging.getLogger("triofwd.offload")
 REMOVE_TIMEOUT = 10.0
 
 
-class OffloadError(Exception):
-    """Offload routes that cannot be installed (nft missing or not permitted) and have no fallback."""
+class OffloadError(ListenError):
+    """Offload routes that cannot be installed (nft missing or not permitted) and have no fallback.
+
+    A kind of ListenError: like a port that cannot be bound, it is a resource the forwarder
+    was told to take up and cannot, so start-up fails (exit 2) and a reload keeps the old table.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, message)
 
 
 def ruleset_text(table: RouteTable) -> str:

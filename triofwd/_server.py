@@ -25,6 +25,7 @@ from ._balance import Balancer
 from ._config import Config
 from ._connection import Connection, run_connection
 from ._dial import format_address
+from ._errors import ListenError
 from ._limits import Gate
 from ._offload import KernelRules, kernel_rules
 from ._reasons import Reason
@@ -47,13 +48,6 @@ WATCH_BUFFER = 1024
 
 # accept() errors that concern only the connection being accepted (accept(2), "Error handling").
 ACCEPT_IGNORED_ERRNOS = {errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
-
-
-class ListenError(OSError):
-    """A listen address that cannot be bound (in use, not permitted, not local)."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)  # one line for people: the errno number is in .errno
 
 
 @dataclasses.dataclass(eq=False)
