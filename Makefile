@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml
 
 # The demo: a tiny HTTP backend on 127.0.0.1:8081 and triofwd in front of it on :8080.
 # Then, from another terminal: curl http://127.0.0.1:8080/
+#   python tools/inspect.py -s .triofwd-demo.sock top      curl 127.0.0.1:9090/metrics
 run: $(STAMP)
 	@$(PY) tools/demo_backend.py --port 8081 & backend=$$!; \
 	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
-	$(PY) -m triofwd serve routes/demo.toml --access-log -
+	$(PY) -m triofwd serve routes/demo.toml --access-log - --control .triofwd-demo.sock --metrics 127.0.0.1:9090
 
 # Kernel-feature tests (nftables in a network namespace) need nft and ip; as root on
 # Debian, install them, otherwise those tests skip with their reason.

@@ -271,3 +271,23 @@ def test_offload_without_nft_and_without_fallback_exits_2_with_one_line(tmp_path
     result = subprocess.run([sys.executable, "-m", "triofwd", "serve", str(path)], capture_output=True, text=True, timeout=20, cwd=REPO, env={**os.environ, "PATH": str(empty)})
     assert result.returncode == 2
     assert result.stderr == "triofwd: cannot install nftables rules for offload routes db: nft binary 'nft' not found\n"
+
+
+def test_the_demo_backend_starts_and_answers() -> None:
+    """`make run` starts tools/demo_backend.py; tools/inspect.py must not shadow the stdlib for it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "tools/demo_backend.py", "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == f"demo backend on http://127.0.0.1:{port}/\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello from the triofwd demo backend\n")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()

@@ -7,10 +7,18 @@ Keep-alive is honoured, so load generators (wrk) can reuse connections.
 
 from __future__ import annotations
 
-import argparse
-import functools
+import os
+import sys
 
-import trio
+# tools/inspect.py (the inspector) would shadow the standard library's `inspect` for any
+# script run from this folder: take the folder off the import path before anything imports it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+
+import trio  # noqa: E402
 
 BODY = b"hello from the triofwd demo backend\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
@@ -40,11 +48,16 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     args = parser.parse_args()
-    print(f"demo backend on http://{args.host}:{args.port}/", flush=True)
     try:
-        trio.run(functools.partial(trio.serve_tcp, handle, args.port, host=args.host))
+        trio.run(serve, args.host, args.port)
     except KeyboardInterrupt:
         pass
+
+
+async def serve(host: str, port: int) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(trio.serve_tcp, handle, port, host=host))
+        print(f"demo backend on http://{host}:{port}/", flush=True)  # only once it listens
 
 
 if __name__ == "__main__":
