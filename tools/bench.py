@@ -1026,6 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (nohup, &)
     pin = Pinning.choose(not args.no_pin)
     pin.apply_to_self()
     procs = Processes(tmp, pin)
