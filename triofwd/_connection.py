@@ -16,11 +16,9 @@ through the same exits.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -28,7 +26,7 @@ import trio
 from ._actions import ACTIONS
 from ._dial import format_address
 from ._firstbytes import FirstBytes, read_client_hello, read_proxy_header
-from ._reasons import ConnectionEnded, Reason
+from ._reasons import ConnectionEnded, Reason, deadline_at
 from ._table import CompiledRoute, ListenKey
 
 if TYPE_CHECKING:
@@ -145,13 +143,13 @@ async def _serve(fwd: Forwarder, conn: Connection, client: trio.SocketStream, li
         if table.accepts_proxy(listener):
             # Who the client is comes first: from a trusted proxy, its header says so.
             conn.state = "reading"
-            with _deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
+            with deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
                 await read_proxy_header(client, first, required=table.is_trusted_proxy(conn.client_ip))
             _take_proxy_header(conn, first)
         with fwd._gate.client(conn.client_ip, trio.current_time()):
             if table.reads_client_hello(listener):
                 conn.state = "reading"
-                with _deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
+                with deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
                     await read_client_hello(client, first)
             if reads:
                 found = table.match(listener, conn.client_ip, first.hello.server_name if first.hello else None)
@@ -171,11 +169,3 @@ def _take_proxy_header(conn: Connection, first: FirstBytes) -> None:
         conn.client_ip, conn.client_port = header.source
         conn.client = format_address(header.source)
         conn.local = header.destination
-
-
-@contextlib.contextmanager
-def _deadline_at(deadline: float, reason: Reason) -> Iterator[None]:
-    with trio.CancelScope(deadline=deadline) as scope:
-        yield
-    if scope.cancelled_caught:
-        raise ConnectionEnded(reason)

@@ -55,9 +55,14 @@ class ConnectionEnded(Exception):
 
 
 @contextlib.contextmanager
-def deadline_means(seconds: float, reason: Reason) -> Iterator[trio.CancelScope]:
-    """A scope of `seconds`; if its deadline ends the block, the connection ends with `reason`."""
-    with trio.move_on_after(seconds) as scope:
+def deadline_at(deadline: float, reason: Reason) -> Iterator[trio.CancelScope]:
+    """A scope ending at `deadline`; if the deadline ends the block, the connection ends with `reason`."""
+    with trio.CancelScope(deadline=deadline) as scope:
         yield scope
     if scope.cancelled_caught:
         raise ConnectionEnded(reason)
+
+
+def deadline_means(seconds: float, reason: Reason) -> contextlib.AbstractContextManager[trio.CancelScope]:
+    """deadline_at, `seconds` from now."""
+    return deadline_at(trio.current_time() + seconds, reason)
