@@ -133,6 +133,9 @@ def format_stats(stats: Mapping[str, Any]) -> list[str]:
     lines = [head]
     if rows:
         lines += ["", *table(["ROUTE", "ACTIVE", "TOTAL", "IN", "OUT", "ENDED"], rows, right=["ACTIVE", "TOTAL", "IN", "OUT"])]
+    kernel = [[name, r["offload"]["packets"], human_bytes(r["offload"]["bytes"])] for name, r in stats["routes"].items() if "offload" in r]
+    if kernel:
+        lines += ["", *table(["OFFLOAD ROUTE", "PACKETS", "BYTES"], kernel, right=["PACKETS", "BYTES"])]
     return lines
 
 

@@ -371,6 +371,7 @@ class ControlServer:
         return conn.describe()
 
     async def _stats(self, args: _NoArgs) -> dict[str, Any]:
+        await self.fwd.read_offload_counters()  # fresh kernel counters for offload routes
         return {**stats_json(self.fwd.stats()), "draining": self.fwd.draining}
 
     async def _routes(self, args: _NoArgs) -> list[dict[str, Any]]:
@@ -412,6 +413,7 @@ class ControlServer:
         return {"draining": True, "active": len(self.fwd.connections)}
 
     async def _metrics(self, args: _NoArgs) -> str:
+        await self.fwd.read_offload_counters()
         return metrics_text(self.fwd)
 
     async def _not_here(self, args: _NoArgs) -> None:

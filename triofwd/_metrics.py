@@ -74,6 +74,11 @@ def render_metrics(stats: Mapping[str, Any], route_names: Iterable[str] = ()) ->
     )
     family("connect_duration_seconds", "histogram", "Time taken to connect to the target.",
            (s for n in names for s in _histogram("connect_duration_seconds", {"route": n}, routes[n].get("connect_time"))))  # fmt: skip
+    offloaded = [n for n in names if "offload" in routes[n]]
+    family("offload_packets_total", "counter", "Packets of offload routes, counted by the kernel (nftables).",
+           (("offload_packets_total", {"route": n}, routes[n]["offload"]["packets"]) for n in offloaded))  # fmt: skip
+    family("offload_bytes_total", "counter", "Bytes of offload routes, counted by the kernel (nftables).",
+           (("offload_bytes_total", {"route": n}, routes[n]["offload"]["bytes"]) for n in offloaded))  # fmt: skip
     family("accept_errors_total", "counter", "accept() calls that failed for want of a resource (file descriptors, memory).",
            [("accept_errors_total", {}, stats.get("accept_errors", 0))])  # fmt: skip
     return "\n".join(out) + "\n"

@@ -45,6 +45,8 @@ ACCEPT_WARN_INTERVAL = 10.0
 # A watcher (the control socket's `watch`) that falls this many events behind is dropped,
 # so a slow reader can neither slow the forwarding path nor grow memory without bound.
 WATCH_BUFFER = 1024
+# How often the offload routes' kernel counters are read while rules are installed.
+OFFLOAD_COUNTERS_EVERY = 2.0
 
 # accept() errors that concern only the connection being accepted (accept(2), "Error handling").
 ACCEPT_IGNORED_ERRNOS = {errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
@@ -116,15 +118,18 @@ class Forwarder:
 
     def stats(self) -> dict[str, Any]:
         """Totals, per route and reason; offload routes carry the kernel counters last read."""
-        snapshot = self.stats_counters.snapshot(self._connections.values())
-        for name, (packets, nbytes) in self._kernel.counters.items():
-            snapshot["routes"].setdefault(name, {"active": 0, "total": 0, "bytes_in": 0, "bytes_out": 0, "terminations": {}})
-            snapshot["routes"][name]["offload"] = {"packets": packets, "bytes": nbytes}
-        return snapshot
+        return self.stats_counters.snapshot(self._connections.values(), self._kernel.counters)
 
     async def read_offload_counters(self) -> dict[str, tuple[int, int]]:
         """Read the offload routes' packet and byte counters from the kernel (then in stats())."""
         return await self._kernel.read_counters()
+
+    async def _keep_offload_counters_fresh(self) -> None:
+        """stats(), metrics and the inspector show kernel counters at most this old."""
+        while True:
+            if self._kernel.installed:
+                await self._kernel.read_counters()
+            await trio.sleep(OFFLOAD_COUNTERS_EVERY)
 
     @contextlib.contextmanager
     def watch(self, buffer: int = WATCH_BUFFER) -> Iterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
@@ -348,6 +353,7 @@ async def serve(
             async with trio.open_nursery() as listening:
                 fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel)
                 fwd._listen(opened)
+                listening.start_soon(fwd._keep_offload_counters_fresh)
                 log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
                 task_status.started(fwd)
                 await fwd._stop.wait()

@@ -10,7 +10,7 @@ import bisect
 import collections
 import dataclasses
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,8 +57,10 @@ class Stats:
             ended.connect_count += 1
             ended.connect_sum += conn.connect_time
 
-    def snapshot(self, live: Iterable[Connection]) -> dict[str, Any]:
-        """Totals and per-route figures; `live` is the connection table."""
+    def snapshot(self, live: Iterable[Connection], offload: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+        """Totals and per-route figures; `live` is the connection table, `offload` the
+        kernel's (packets, bytes) per offload route as last read."""
+        offload = offload or {}
         active: collections.Counter[str] = collections.Counter()
         live_in: collections.Counter[str] = collections.Counter()
         live_out: collections.Counter[str] = collections.Counter()
@@ -68,7 +70,7 @@ class Stats:
             live_in[key] += conn.bytes_in
             live_out[key] += conn.bytes_out
         routes: dict[str, Any] = {}
-        for name in sorted(set(self._ended) | set(active)):
+        for name in sorted(set(self._ended) | set(active) | set(offload)):
             ended = self._ended.get(name, _Ended())
             routes[name] = {
                 "active": active[name],
@@ -82,6 +84,9 @@ class Stats:
                     "sum": ended.connect_sum,
                 },
             }
+            if name in offload:
+                packets, nbytes = offload[name]
+                routes[name]["offload"] = {"packets": packets, "bytes": nbytes}
         terminations: collections.Counter[str] = collections.Counter()
         for ended in self._ended.values():
             terminations.update(ended.reasons)
