@@ -305,3 +305,79 @@ async def test_routes_examples_for_each_mode_pass_check() -> None:
         result = await trio.to_thread.run_sync(functools.partial(subprocess.run, [sys.executable, "-m", "triofwd", "check", f"routes/{name}"], capture_output=True, text=True, cwd=REPO, timeout=20))
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("ok: ")
+
+
+async def test_the_certificate_is_chosen_by_sni_from_the_matching_route(ca: trustme.CA, tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    async with backend(echo) as address:
+        routes = []
+        for name in ("a.example", "b.example"):
+            tls = write_cert(ca, tmp_path, name)
+            tls.mode = "terminate"
+            routes.append(route(name.split(".")[0], ports=[port], domains=[name], action="bridge", targets=[address], tls=tls))
+        async with forwarder(config(*routes)) as fwd:
+            for name in ("a.example", "b.example"):
+                secure = await tls_connect(fwd.addresses["a"][0], client_context(ca), name)  # verifies the name
+                cert = secure.getpeercert()
+                assert ("DNS", name) in cert["subjectAltName"]
+                await secure.aclose()
+
+
+async def test_min_version_is_enforced(ca: trustme.CA, tmp_path: pathlib.Path) -> None:
+    tls = write_cert(ca, tmp_path, "secure.example")
+    tls.mode, tls.min_version = "terminate", "1.3"
+    log = AccessLogCapture()
+    async with backend(echo) as address, forwarder(config(route(action="bridge", targets=[address], tls=tls)), access_log=log) as fwd:
+        old = client_context(ca)
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+
+        def python_ssl_client() -> None:
+            with socket.create_connection(split(fwd.addresses["r"][0]), timeout=5) as raw:
+                with pytest.raises(ssl.SSLError):
+                    old.wrap_socket(raw, server_hostname="secure.example")
+
+        await trio.to_thread.run_sync(python_ssl_client)
+        [record] = await log.wait(1)
+        modern = await tls_connect(fwd.addresses["r"][0], client_context(ca), "secure.example")
+        assert modern.version() == "TLSv1.3"
+        await modern.aclose()
+    assert record["reason"] == "tls_error"
+
+
+async def test_reencrypt_passes_alpn_through_to_the_target(ca: trustme.CA, tmp_path: pathlib.Path) -> None:
+    target_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("target.example").configure_cert(target_ctx)
+    target_ctx.set_alpn_protocols(["h2"])  # the target speaks only h2
+    chosen: list[str | None] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        secure = trio.SSLStream(stream, target_ctx, server_side=True, https_compatible=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await secure.do_handshake()
+            chosen.append(secure.selected_alpn_protocol())
+            await secure.aclose()
+
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    tls = write_cert(ca, tmp_path, "front.example")
+    tls.mode, tls.target_ca, tls.target_sni = "reencrypt", str(tmp_path / "ca.pem"), "target.example"
+    async with backend(handler) as address, forwarder(config(route(action="bridge", targets=[address], tls=tls))) as fwd:
+        ctx = client_context(ca)
+        ctx.set_alpn_protocols(["http/1.1", "h2"])
+        secure = await tls_connect(fwd.addresses["r"][0], ctx, "front.example")
+        client_got = secure.selected_alpn_protocol()
+        await secure.aclose()
+    assert chosen == ["h2"] and client_got == "h2"
+
+
+async def test_certificates_are_read_again_on_reload(tmp_path: pathlib.Path) -> None:
+    first_ca, second_ca = trustme.CA(), trustme.CA()
+    tls = write_cert(first_ca, tmp_path, "secure.example")
+    tls.mode = "terminate"
+    async with backend(echo) as address:
+        cfg = config(route(action="bridge", targets=[address], tls=tls))
+        async with forwarder(cfg) as fwd:
+            (await tls_connect(fwd.addresses["r"][0], client_context(first_ca), "secure.example")).transport_stream.socket.close()
+            write_cert(second_ca, tmp_path, "secure.example")  # renewed in place, same paths
+            await fwd.reload(cfg)
+            secure = await tls_connect(fwd.addresses["r"][0], client_context(second_ca), "secure.example")
+            await secure.aclose()
