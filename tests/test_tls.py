@@ -381,3 +381,20 @@ async def test_certificates_are_read_again_on_reload(tmp_path: pathlib.Path) -> 
             await fwd.reload(cfg)
             secure = await tls_connect(fwd.addresses["r"][0], client_context(second_ca), "secure.example")
             await secure.aclose()
+
+
+async def test_passthrough_delivers_the_clienthello_byte_for_byte() -> None:
+    from triofwd._clienthello import build_client_hello
+
+    hello = build_client_hello("a.example", alpn=("h2",), split_records=3)  # several records, as some clients send
+    target = Recorder(reply=b"", after=b"\x00never")
+    port = free_port()
+    async with backend(target) as address, forwarder(config(route("ra", ports=[port], domains=["a.example"], targets=[address]))) as fwd:
+        with trio.fail_after(5):
+            client = await trio.open_tcp_stream(*split(fwd.addresses["ra"][0]))
+            for i in range(0, len(hello), 7):  # and split over many small writes
+                await client.send_all(hello[i : i + 7])
+            await client.send_eof()
+            await target.done.wait()
+            await client.aclose()
+    assert target.received == [hello]
