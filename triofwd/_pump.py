@@ -1,8 +1,8 @@
-"""The data path: one pump, the relay that runs two of them, and the traffic scopes.
+"""The data path: one pump, the relay that runs two of them, and the traffic scope.
 
-Inactivity and half-close are cancel scopes around the pumps; every byte moves the
-inactivity deadline, the first EOF starts the half-close deadline. When a scope fires,
-leaving it raises ConnectionEnded with its reason. Socket errors are translated into
+Inactivity and half-close share one cancel scope around the pumps; every byte moves the
+inactivity deadline, the first EOF starts the half-close deadline. When the scope fires,
+leaving it raises ConnectionEnded with the reason of the deadline that passed. Socket errors are translated into
 ConnectionEnded at the one place they can arise, each read or write, so the reason
 names the side that failed.
 """
@@ -129,6 +129,11 @@ def traffic_scopes(conn: Connection, policy: Policy) -> Iterator[Traffic]:
         raise ConnectionEnded(reason)
 
 
+def _spliceable(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
+    """splice(2) needs two plain sockets: not TLS, not a handler's wrapped stream."""
+    return SPLICE and type(a) is trio.SocketStream and type(b) is trio.SocketStream
+
+
 async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, direction: str) -> None:
     """Move src to dst until EOF, then pass the EOF on as a write shutdown.
 
@@ -140,7 +145,7 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
     idle connection keeps this frame alive, and each extra frame is memory per connection.
     """
     src_failed, dst_failed = _RESET[direction]
-    if SPLICE and type(src) is trio.SocketStream and type(dst) is trio.SocketStream:
+    if _spliceable(src, dst):
         src_sock, dst_sock = src.socket, dst.socket
         while True:
             try:
@@ -187,8 +192,7 @@ async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stre
     The pumps' nursery's own cancel scope is the traffic scope: its deadline is the
     inactivity (or half-close) deadline, so an idle connection carries no extra scope.
     """
-    spliced = SPLICE and type(client) is trio.SocketStream and type(target) is trio.SocketStream
-    conn.path = "splice" if spliced else "copy"
+    conn.path = "splice" if _spliceable(client, target) else "copy"
     async with trio.open_nursery() as nursery:
         traffic = Traffic(conn, nursery.cancel_scope, policy)
         traffic.seen()

@@ -193,22 +193,26 @@ class Forwarder:
             raise
         self._table = table
         self._gate.update(table.limits)
-        for route in table.routes:
-            prior = old.route(route.name)
-            if route.name in self._route_gates:
-                self._route_gates[route.name].update(route.limits)
+        before = {r.name: r for r in old.routes}
+        after = {r.name: r for r in table.routes}
+        for name in before.keys() - after.keys():
+            # Open connections of a removed route keep their own holds; the table forgets it.
+            self._route_gates.pop(name, None)
+            self._balancers.pop(name, None)
+        for name, route in after.items():
+            prior = before.get(name)
+            if name in self._route_gates:
+                self._route_gates[name].update(route.limits)
             if prior is None or prior.targets != route.targets or prior.balance != route.balance:
-                self._balancers.pop(route.name, None)
+                self._balancers.pop(name, None)
         self._listen(opened)
         for key in [k for k in self._listeners if k not in table.by_listener]:
             for listener in self._listeners.pop(key):
                 listener.scope.cancel()
-        before = {r.name: r.spec for r in old.routes}
-        after = {r.name: r.spec for r in table.routes}
         change = {
             "added": sorted(after.keys() - before.keys()),
             "removed": sorted(before.keys() - after.keys()),
-            "changed": sorted(n for n in before.keys() & after.keys() if before[n] != after[n]),
+            "changed": sorted(n for n in before.keys() & after.keys() if before[n].spec != after[n].spec),
         }
         log.info("reloaded: %d routes (added %s, removed %s, changed %s)", len(table.routes),
                  change["added"], change["removed"], change["changed"])  # fmt: skip
