@@ -134,20 +134,30 @@ class RouteTable:
     def route(self, name: str) -> CompiledRoute | None:
         return next((r for r in self.routes if r.name == name), None)
 
+    # Per listener, whether connections must send first bytes before routing: known once the
+    # table is built, so the accept path looks it up instead of scanning the routes each time.
+    _accepts_proxy: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
+    _reads_hello: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        items = self.by_listener.items()
+        object.__setattr__(self, "_accepts_proxy", frozenset(k for k, rs in items if any(r.accept_proxy_protocol for r in rs)))
+        object.__setattr__(self, "_reads_hello", frozenset(k for k, rs in items if any(r.domains or r.action == "bridge" for r in rs)))
+
     def accepts_proxy(self, key: ListenKey) -> bool:
         """Connections on this listener may start with a PROXY header (from trusted_proxies).
 
         The header comes before any route is chosen, so it is a property of the port: one
         route on it with accept_proxy_protocol makes the whole port accept the header.
         """
-        return any(r.accept_proxy_protocol for r in self.by_listener.get(key, ()))
+        return key in self._accepts_proxy
 
     def reads_client_hello(self, key: ListenKey) -> bool:
         """Routing on this listener needs the TLS ClientHello (SNI domains, or a bridge)."""
-        return any(r.domains or r.action == "bridge" for r in self.by_listener.get(key, ()))
+        return key in self._reads_hello
 
     def reads_first_bytes(self, key: ListenKey) -> bool:
-        return self.accepts_proxy(key) or self.reads_client_hello(key)
+        return key in self._accepts_proxy or key in self._reads_hello
 
     def is_trusted_proxy(self, ip: str) -> bool:
         return bool(self.trusted_proxies) and _in_any(client_address(ip), self.trusted_proxies)
