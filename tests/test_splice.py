@@ -50,6 +50,26 @@ async def test_plain_forward_routes_take_the_splice_path() -> None:
         assert conn.path == "splice"
 
 
+async def test_bulk_is_spliced_and_small_messages_are_not() -> None:
+    """splice-auto: a request of a few bytes is copied through the shared buffer, bulk goes through pipes."""
+    async with backend(echo) as target, forwarder(config(route(targets=[target]))) as fwd:
+        client = await connect(fwd)
+        before = POOL.borrowed
+        for _ in range(20):
+            await client.send_all(b"ping")
+            assert await client.receive_some() == b"ping"
+        assert POOL.borrowed == before
+        payload = os.urandom(2 * 1024 * 1024)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, payload)
+            got = bytearray()
+            with trio.fail_after(20):
+                while len(got) < len(payload):
+                    got += await client.receive_some()
+        assert got == payload
+        assert POOL.borrowed > before
+
+
 async def test_a_handler_route_copies() -> None:
     async def hello(stream, info) -> None:  # noqa: ANN001
         await stream.send_all(b"hi")
@@ -67,6 +87,14 @@ async def test_bytes_are_counted_the_same_on_both_paths(monkeypatch: pytest.Monk
     assert (path, copy_path) in {("splice", "copy"), ("", "")}  # "" if the connection closed before it was read
     assert (spliced["bytes_in"], spliced["bytes_out"]) == (copied["bytes_in"], copied["bytes_out"]) == (len(payload), len(payload))
     assert spliced["reason"] == copied["reason"] == "normal"
+
+
+async def test_out_of_pipes_the_raw_path_copies_and_counts_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pipe can be had (EMFILE): bulk chunks are copied through the shared buffer instead."""
+    monkeypatch.setattr(POOL, "take", lambda: None)
+    record, path = await one_exchange(os.urandom(3 * 1024 * 1024 + 17))
+    assert path in ("splice", "")
+    assert (record["bytes_in"], record["bytes_out"], record["reason"]) == (3 * 1024 * 1024 + 17, 3 * 1024 * 1024 + 17, "normal")
 
 
 async def test_idle_connections_hold_no_pipe() -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._reasons import ConnectionEnded, Reason
-from ._splice import POOL, SpliceError, splice_chunk
+from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, SpliceError, copy_once, drain_pipe, send_rest, splice_once
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -137,40 +137,67 @@ def _spliceable(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
 async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, direction: str) -> None:
     """Move src to dst until EOF, then pass the EOF on as a write shutdown.
 
-    Between two plain TCP sockets the bytes move by splice(2), never entering Python;
-    otherwise (TLS, a handler's stream) they are copied. Either way they are counted and
-    timed the same. A TLS stream has no write shutdown (trio's SSLStream cannot
-    half-close): an EOF toward one ends the whole connection, normally, once what was
-    read is delivered. The splice loop is written out here rather than in a helper: every
-    idle connection keeps this frame alive, and each extra frame is memory per connection.
+    Between two plain TCP sockets the bytes move by non-blocking syscalls on the raw
+    sockets (splice(2) for bulk); otherwise (TLS, a handler's stream) they are copied
+    through the streams. Either way they are counted and timed the same. A TLS stream has
+    no write shutdown (trio's SSLStream cannot half-close): an EOF toward one ends the
+    whole connection, normally, once what was read is delivered.
     """
-    src_failed, dst_failed = _RESET[direction]
     if _spliceable(src, dst):
-        src_sock, dst_sock = src.socket, dst.socket
-        while True:
-            try:
-                with POOL.borrowed() as pipe:
-                    n, waited = await splice_chunk(src_sock, dst_sock, pipe)
-            except SpliceError as exc:
-                raise ConnectionEnded(src_failed if exc.side == "src" else dst_failed, str(exc.error)) from exc
-            if n is None:  # nothing to read yet: wait without holding a pipe
-                await trio.lowlevel.wait_readable(src_sock)
-                continue
-            if n == 0:
-                break
-            traffic.moved(direction, n)
-            if not waited:
-                # One trip through the scheduler per chunk: cancellation stays prompt and
-                # a busy connection cannot starve the others.
-                await trio.lowlevel.checkpoint()
+        await _move_raw(src.socket, dst.socket, traffic, direction)
     else:
         await _move_copied(src, dst, traffic, direction)
     if not isinstance(dst, trio.abc.HalfCloseableStream):
         traffic.finish()
         return
-    with _failure_means(dst_failed):
+    with _failure_means(_RESET[direction][1]):
         await dst.send_eof()
     traffic.closed(direction)
+
+
+async def _move_raw(src: trio.socket.SocketType, dst: trio.socket.SocketType, traffic: Traffic, direction: str) -> None:
+    """src to dst until EOF, trying each syscall first and waiting only when it would block.
+
+    One trip through the scheduler per chunk, never more: a chunk that drained src (shorter
+    than asked) is followed by the wait for src's next bytes, which is that trip; a full
+    one by a checkpoint, so cancellation stays prompt and a busy connection cannot starve
+    the others. Small chunks are copied, bulk is spliced (see _splice). The loop is written
+    out here rather than in helpers: every idle connection keeps this frame alive.
+    """
+    src_failed, dst_failed = _RESET[direction]
+    raw_src, raw_dst = src._sock, dst._sock  # noqa: SLF001 - the non-blocking stdlib sockets under trio's
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    bulk = False
+    try:
+        while True:
+            waited = False
+            if bulk and (pipe := POOL.take()) is not None:
+                n, left = splice_once(pipe, src_fd, dst_fd)
+                if left:
+                    traffic.seen()
+                    await drain_pipe(pipe, dst, left)
+                    waited = True
+                asked = CHUNK
+            else:  # a small chunk, or no pipe to be had (out of fds): copy it
+                n, rest = copy_once(raw_src, raw_dst)
+                if rest:
+                    traffic.seen()
+                    await send_rest(dst, rest)
+                    waited = True
+                asked = COPY_CHUNK
+            if n is None:
+                await trio.lowlevel.wait_readable(src)
+                continue
+            if n == 0:
+                return
+            traffic.moved(direction, n)
+            bulk = n >= SPLICE_AT
+            if n < asked:
+                await trio.lowlevel.wait_readable(src)  # src is drained: this wait is the chunk's trip
+            elif not waited:
+                await trio.lowlevel.checkpoint()
+    except SpliceError as exc:
+        raise ConnectionEnded(src_failed if exc.side == "src" else dst_failed, str(exc.error)) from exc
 
 
 async def _move_copied(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, direction: str) -> None:
