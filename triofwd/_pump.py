@@ -36,6 +36,9 @@ RECEIVE_SIZE = 65536
 # splice(2) between plain TCP sockets; False forces the copying path (tests compare the two).
 SPLICE = True
 
+# The client->target pump's task name: a constant, not one f-string per connection.
+PUMP_TASK = "triofwd pump client->target"
+
 IN = "in"  # client -> target (bytes_in)
 OUT = "out"  # target -> client (bytes_out)
 _RESET = {IN: (Reason.CLIENT_RESET, Reason.TARGET_RESET), OUT: (Reason.TARGET_RESET, Reason.CLIENT_RESET)}
@@ -138,66 +141,64 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
     """Move src to dst until EOF, then pass the EOF on as a write shutdown.
 
     Between two plain TCP sockets the bytes move by non-blocking syscalls on the raw
-    sockets (splice(2) for bulk); otherwise (TLS, a handler's stream) they are copied
-    through the streams. Either way they are counted and timed the same. A TLS stream has
-    no write shutdown (trio's SSLStream cannot half-close): an EOF toward one ends the
-    whole connection, normally, once what was read is delivered.
+    sockets, trying each first and waiting only when it would block; small chunks are
+    copied through one shared buffer and bulk is spliced (see _splice). Otherwise (TLS, a
+    handler's stream) they are copied through the streams. Either way they are counted
+    and timed the same. A TLS stream has no write shutdown (trio's SSLStream cannot
+    half-close): an EOF toward one ends the whole connection, normally, once what was
+    read is delivered.
+
+    On the raw path each chunk takes one trip through the scheduler, never more: a chunk
+    that drained src (shorter than asked) is followed by the wait for src's next bytes,
+    which is that trip; a full one by a checkpoint, so cancellation stays prompt and a
+    busy connection cannot starve the others. The loop is written out here rather than
+    in a helper: every idle connection keeps this frame alive, and each extra frame is
+    memory per connection.
     """
+    src_failed, dst_failed = _RESET[direction]
     if _spliceable(src, dst):
-        await _move_raw(src.socket, dst.socket, traffic, direction)
+        src_sock, dst_sock = src.socket, dst.socket
+        raw_src, raw_dst = src_sock._sock, dst_sock._sock  # noqa: SLF001 - the non-blocking stdlib sockets under trio's
+        src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
+        bulk = False
+        try:
+            while True:
+                waited = False
+                if bulk and (pipe := POOL.take()) is not None:
+                    n, left = splice_once(pipe, src_fd, dst_fd)
+                    if left:
+                        traffic.seen()
+                        await drain_pipe(pipe, dst_sock, left)
+                        waited = True
+                    asked = CHUNK
+                else:  # a small chunk, or no pipe to be had (out of fds): copy it
+                    n, rest = copy_once(raw_src, raw_dst)
+                    if rest:
+                        traffic.seen()
+                        await send_rest(dst_sock, rest)
+                        waited = True
+                    asked = COPY_CHUNK
+                if n is None:
+                    await trio.lowlevel.wait_readable(src_fd)
+                    continue
+                if n == 0:
+                    break
+                traffic.moved(direction, n)
+                bulk = n >= SPLICE_AT
+                if n < asked:
+                    await trio.lowlevel.wait_readable(src_fd)  # src is drained: this wait is the chunk's trip
+                elif not waited:
+                    await trio.lowlevel.checkpoint()
+        except SpliceError as exc:
+            raise ConnectionEnded(src_failed if exc.side == "src" else dst_failed, str(exc.error)) from exc
     else:
         await _move_copied(src, dst, traffic, direction)
     if not isinstance(dst, trio.abc.HalfCloseableStream):
         traffic.finish()
         return
-    with _failure_means(_RESET[direction][1]):
+    with _failure_means(dst_failed):
         await dst.send_eof()
     traffic.closed(direction)
-
-
-async def _move_raw(src: trio.socket.SocketType, dst: trio.socket.SocketType, traffic: Traffic, direction: str) -> None:
-    """src to dst until EOF, trying each syscall first and waiting only when it would block.
-
-    One trip through the scheduler per chunk, never more: a chunk that drained src (shorter
-    than asked) is followed by the wait for src's next bytes, which is that trip; a full
-    one by a checkpoint, so cancellation stays prompt and a busy connection cannot starve
-    the others. Small chunks are copied, bulk is spliced (see _splice). The loop is written
-    out here rather than in helpers: every idle connection keeps this frame alive.
-    """
-    src_failed, dst_failed = _RESET[direction]
-    raw_src, raw_dst = src._sock, dst._sock  # noqa: SLF001 - the non-blocking stdlib sockets under trio's
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    bulk = False
-    try:
-        while True:
-            waited = False
-            if bulk and (pipe := POOL.take()) is not None:
-                n, left = splice_once(pipe, src_fd, dst_fd)
-                if left:
-                    traffic.seen()
-                    await drain_pipe(pipe, dst, left)
-                    waited = True
-                asked = CHUNK
-            else:  # a small chunk, or no pipe to be had (out of fds): copy it
-                n, rest = copy_once(raw_src, raw_dst)
-                if rest:
-                    traffic.seen()
-                    await send_rest(dst, rest)
-                    waited = True
-                asked = COPY_CHUNK
-            if n is None:
-                await trio.lowlevel.wait_readable(src)
-                continue
-            if n == 0:
-                return
-            traffic.moved(direction, n)
-            bulk = n >= SPLICE_AT
-            if n < asked:
-                await trio.lowlevel.wait_readable(src)  # src is drained: this wait is the chunk's trip
-            elif not waited:
-                await trio.lowlevel.checkpoint()
-    except SpliceError as exc:
-        raise ConnectionEnded(src_failed if exc.side == "src" else dst_failed, str(exc.error)) from exc
 
 
 async def _move_copied(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, direction: str) -> None:
@@ -230,7 +231,7 @@ async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stre
         if traffic.warn_after != math.inf:
             nursery.start_soon(run_watched, traffic, partial(pump, client, target, traffic, IN), partial(pump, target, client, traffic, OUT))
         else:
-            nursery.start_soon(pump, client, target, traffic, IN)
+            nursery.start_soon(pump, client, target, traffic, IN, name=PUMP_TASK)
             await pump(target, client, traffic, OUT)  # in this task: one task fewer per connection
     reason = traffic.expired()
     if reason is not None:
