@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._reasons import ConnectionEnded, Reason
-from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, SpliceError, copy_once, drain_pipe, send_rest, splice_once
+from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, SpliceError, copy_once, drain_pipe, lift_send_lowat, send_rest, splice_once
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -184,6 +184,8 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
                 if n == 0:
                     break
                 traffic.moved(direction, n)
+                if n >= SPLICE_AT and not bulk:
+                    lift_send_lowat(raw_dst)
                 bulk = n >= SPLICE_AT
                 if n < asked:
                     await trio.lowlevel.wait_readable(src_fd)  # src is drained: this wait is the chunk's trip
