@@ -90,7 +90,8 @@ def _fail(message: str) -> int:
 def _tune_gc() -> None:
     """The daemon's start-up objects are permanent, and every new connection allocates a few
     hundred container objects: with the default gen-0 threshold (700) the cyclic collector ran
-    every few connections, 12% of the daemon's time at 2k new connections/s (docs/profile.md)."""
+    every few connections: 12% of the daemon's time in one profile at 2k new connections/s
+    (docs/profile.md)."""
     gc.freeze()  # modules, config, table: never scanned again
     gc.set_threshold(*GC_THRESHOLDS)
 

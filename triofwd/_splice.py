@@ -26,7 +26,7 @@ import trio
 __all__ = ["BUFFER", "POOL", "Pipe", "PipePool", "SpliceError", "copy_once", "drain_pipe", "lift_send_lowat", "send_rest", "splice_once"]
 
 # Bytes asked of one splice call; also the pipe's capacity (1 MiB is the default
-# fs.pipe-max-size, allowed without privilege). Against 256 KiB it moved 25-30% more
+# fs.pipe-max-size, allowed without privilege). Against 256 KiB it moved about 25% more
 # bytes per CPU-second on one loopback stream (docs/profile.md); the kernel only uses
 # pages for bytes actually in the pipe.
 CHUNK = 1024 * 1024
