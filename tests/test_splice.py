@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import trio
@@ -119,3 +120,33 @@ def _fd_targets() -> list[str]:
         except FileNotFoundError:  # the directory listing's own fd
             pass
     return out
+
+
+def test_two_trio_runs_in_two_threads_do_not_share_a_copy_buffer() -> None:
+    """recv_into releases the GIL: forwarders in two threads' trio runs each copy through their own buffer."""
+    failures: list[BaseException] = []
+
+    async def ping_pong(seed: int) -> None:
+        messages = [bytes([seed]) * (1000 + 7 * i) for i in range(300)]  # small: the copying path
+        async with backend(echo) as target, forwarder(config(route(targets=[target]))) as fwd:
+            client = await connect(fwd)
+            with trio.fail_after(20):
+                for message in messages:
+                    await client.send_all(message)
+                    got = b""
+                    while len(got) < len(message):
+                        got += await client.receive_some()
+                    assert got == message
+
+    def run(seed: int) -> None:
+        try:
+            trio.run(ping_pong, seed)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not failures

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._reasons import ConnectionEnded, Reason
-from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, SpliceError, copy_once, drain_pipe, lift_send_lowat, send_rest, splice_once
+from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, SpliceError, copy_once, drain_pipe, lift_send_lowat, send_rest, shared_buffer, splice_once
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -160,6 +160,7 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
         src_sock, dst_sock = src.socket, dst.socket
         raw_src, raw_dst = src_sock._sock, dst_sock._sock  # noqa: SLF001 - the non-blocking stdlib sockets under trio's
         src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
+        buffer = shared_buffer()
         bulk = False
         try:
             while True:
@@ -172,7 +173,7 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
                         waited = True
                     asked = CHUNK
                 else:  # a small chunk, or no pipe to be had (out of fds): copy it
-                    n, rest = copy_once(raw_src, raw_dst)
+                    n, rest = copy_once(raw_src, raw_dst, buffer)
                     if rest:
                         traffic.seen()
                         await send_rest(dst_sock, rest)

@@ -3,7 +3,7 @@
 Both moves are synchronous, non-blocking attempts ("try the syscall first, wait only on
 EAGAIN"); the pump decides when to wait. Nothing is held per connection while it is idle:
 
-- A small chunk (a request, a reply) is copied through one process-wide buffer: recv_into,
+- A small chunk (a request, a reply) is copied through one buffer per thread: recv_into,
   then send at once. On loopback and LANs that is cheaper than two splice calls, which
   pay per call and per page for what fits in a few hundred bytes. Only when the destination
   cannot take the whole chunk at once are the unsent bytes copied out of the shared buffer
@@ -20,10 +20,11 @@ import errno
 import fcntl
 import os
 import socket
+import threading
 
 import trio
 
-__all__ = ["BUFFER", "POOL", "Pipe", "PipePool", "SpliceError", "copy_once", "drain_pipe", "lift_send_lowat", "send_rest", "splice_once"]
+__all__ = ["POOL", "Pipe", "PipePool", "SpliceError", "copy_once", "drain_pipe", "lift_send_lowat", "send_rest", "shared_buffer", "splice_once"]
 
 # Bytes asked of one splice call; also the pipe's capacity (1 MiB is the default
 # fs.pipe-max-size, allowed without privilege). Against 256 KiB it moved about 25% more
@@ -42,8 +43,7 @@ SPLICE_AT = 16384
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
-BUFFER = bytearray(COPY_CHUNK)
-_VIEW = memoryview(BUFFER)
+_THREAD = threading.local()
 
 
 class SpliceError(Exception):
@@ -117,14 +117,25 @@ def lift_send_lowat(sock: socket.socket) -> None:
         pass
 
 
-def copy_once(src: socket.socket, dst: socket.socket) -> tuple[int | None, bytes]:
-    """Copy what src has ready (up to COPY_CHUNK) to dst through the shared buffer.
+def shared_buffer() -> memoryview:
+    """The copy buffer every pump of this thread shares (one per thread: recv_into releases
+    the GIL, so two trio runs in two threads must not read into the same bytes)."""
+    try:
+        return _THREAD.buffer  # type: ignore[no-any-return]
+    except AttributeError:
+        _THREAD.buffer = memoryview(bytearray(COPY_CHUNK))
+        return _THREAD.buffer  # type: ignore[no-any-return]
+
+
+def copy_once(src: socket.socket, dst: socket.socket, buffer: memoryview) -> tuple[int | None, bytes]:
+    """Copy what src has ready (up to COPY_CHUNK) to dst through the shared `buffer`.
 
     Returns (n, rest): n is None when src has nothing yet, 0 at EOF, else the bytes read;
     rest is what dst could not take at once (send it with send_rest). Raises SpliceError.
+    Nothing awaits in between, so the buffer is free again when it returns.
     """
     try:
-        n = src.recv_into(BUFFER)
+        n = src.recv_into(buffer)
     except BlockingIOError:
         return None, b""
     except OSError as exc:
@@ -132,12 +143,12 @@ def copy_once(src: socket.socket, dst: socket.socket) -> tuple[int | None, bytes
     if not n:
         return 0, b""
     try:
-        sent = dst.send(_VIEW[:n], _SEND_FLAGS)
+        sent = dst.send(buffer[:n], _SEND_FLAGS)
     except BlockingIOError:
         sent = 0
     except OSError as exc:
         raise SpliceError("dst", exc) from exc
-    return n, (BUFFER[sent:n] if sent < n else b"")
+    return n, (buffer[sent:n].tobytes() if sent < n else b"")
 
 
 async def send_rest(dst: trio.socket.SocketType, rest: bytes) -> None:
