@@ -76,7 +76,7 @@ class PipePool:
     def __init__(self, limit: int = POOL_LIMIT) -> None:
         self.limit = limit
         self._free: list[Pipe] = []
-        self.borrowed = 0  # pipes handed out so far (tests read it: the splice path was taken)
+        self.borrowed = 0  # pipes asked for so far (tests read it: the splice path was taken)
 
     def take(self) -> Pipe | None:
         """An empty pipe; None when none can be made (out of fds): the chunk is copied instead."""
