@@ -18,11 +18,12 @@ import trio
 from ._reasons import ConnectionEnded, Reason
 
 if TYPE_CHECKING:
-    from ._balance import Balancer
     from ._connection import Connection
+    from ._health import TargetHealth
     from ._table import CompiledRoute
+    from ._targets import RouteTargets
 
-__all__ = ["connect_failure", "dialed", "format_address"]
+__all__ = ["connect_failure", "dialed", "format_address", "open_target"]
 
 log = logging.getLogger("triofwd.dial")
 
@@ -64,39 +65,78 @@ def format_address(address: tuple[object, ...]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _connect(host: str, port: int, timeout: float) -> trio.SocketStream:
+async def open_target(host: str, port: int, timeout: float) -> trio.SocketStream:
+    """A fresh connection to a target, within `timeout` (trio.TooSlowError past it)."""
     with trio.fail_after(timeout):
         return await trio.open_tcp_stream(host, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
 
 
 @contextlib.asynccontextmanager
 async def dialed(
-    conn: Connection, route: CompiledRoute, balancer: Balancer, failure: Reason | None = None
+    conn: Connection, route: CompiledRoute, targets: RouteTargets, failure: Reason | None = None
 ) -> AsyncIterator[trio.SocketStream]:
     """A connected target stream, held in the balancer while the block runs, closed after.
 
-    Tries up to 1 + connect_retries targets in the balancer's order. When all fail,
-    the connection ends with the last attempt's reason, or with `failure` if given
-    (bridge_error: the hop to a TLS terminator is not a target of the client's).
+    Tries up to 1 + connect_retries of the targets that are usable now (health checks,
+    circuit breakers) in the balancer's order, a warm socket first where one is ready.
+    When none is usable the connection ends at once; when all attempts fail, with the
+    last attempt's reason — or with `failure` if given (bridge_error: the hop to a TLS
+    terminator is not a target of the client's). Each outcome is reported to the
+    target's health: connect failures and target resets count against it.
     """
     conn.state = "connecting"
     reason = Reason.TARGET_UNREACHABLE
-    for index in balancer.order(1 + route.connect_retries):
-        host, port = balancer.targets[index]
-        conn.target = format_address((host, port))
+    detail = "no target is up"
+    for index in targets.order(1 + route.connect_retries, trio.current_time()):
+        target = targets.targets[index]
         began = trio.current_time()
+        attempt = target.health.begin(began)
+        if attempt is None:
+            continue  # taken out (or its probe taken) while an earlier attempt ran
+        host, port = target.address
+        conn.target = target.name
         try:
-            stream = await _connect(host, port, route.policy.connect_timeout)
+            stream = target.take_warm(began) or await open_target(host, port, route.policy.connect_timeout)
         except trio.TooSlowError:
             reason = Reason.CONNECT_TIMEOUT
         except OSError as exc:
             reason = connect_failure(exc)
+        except BaseException:
+            target.health.abandoned(attempt)  # cancelled: no verdict on the target
+            raise
         else:
             conn.connect_time = trio.current_time() - began
-            conn.target = format_address(stream.socket.getpeername())
+            target.health.connected(attempt)
+            with contextlib.suppress(OSError):  # a peer gone already shows up at the first read
+                conn.target = format_address(stream.socket.getpeername())
             async with stream:
-                with balancer.hold(index):
-                    yield stream
+                with targets.balancer.hold(index):
+                    try:
+                        yield stream
+                    except BaseException as exc:
+                        _report_end(target.health, exc)
+                        raise
+                    target.health.succeeded()
             return
-        log.info("connection %d: %s:%s failed (%s)", conn.id, host, port, reason)
-    raise ConnectionEnded(failure or reason)
+        detail = f"{target.name} failed ({reason})"
+        if reason is Reason.CAPACITY:
+            target.health.abandoned(attempt)  # out of fds here: not the target's fault
+        else:
+            target.health.failed(trio.current_time(), attempt)
+        log.info("connection %d: %s", conn.id, detail)
+    raise ConnectionEnded(failure or reason, detail)
+
+
+def _report_end(health: TargetHealth, exc: BaseException) -> None:
+    """A connection through the target ended with `exc`: a target reset counts against it."""
+    leaves = _leaf_exceptions(exc)
+    if any(isinstance(leaf, ConnectionEnded) and leaf.reason is Reason.TARGET_RESET for leaf in leaves):
+        health.failed(trio.current_time())
+    elif not all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
+        health.succeeded()
+
+
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaf_exceptions(sub)]
+    return [exc]
