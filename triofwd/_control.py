@@ -379,6 +379,7 @@ class ControlServer:
         for conn in self.fwd.connections.values():
             active[conn.route] = active.get(conn.route, 0) + 1
         listening = self.fwd.addresses
+        health = self.fwd.target_states()
         return [
             {
                 "name": route.name,
@@ -390,6 +391,7 @@ class ControlServer:
                 "priority": route.priority,
                 "listening": listening.get(route.name, []),
                 "active": active.get(route.name, 0),
+                "target_state": health.get(route.name, []),
             }
             for route in self.fwd.table.routes
         ]

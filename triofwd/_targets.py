@@ -32,7 +32,8 @@ log = logging.getLogger("triofwd.targets")
 # A warm socket older than this is replaced, not handed out: targets close idle
 # connections of their own accord (HTTP servers after a minute or so).
 WARM_MAX_AGE = 30.0
-# After a warm connect fails, or while the target may not be used, look again after this long.
+# How often a full warm pool is looked over for sockets the target closed; also the wait
+# after a warm connect fails, or while the target may not be used.
 WARM_RETRY = 1.0
 # How much of a health check's reply is searched for `expect`.
 EXPECT_WINDOW = 65536
@@ -166,8 +167,9 @@ class RouteTargets:
                 else:
                     target.warm.append((trio.current_time(), stream))
                 continue
+            # Full: wake when one is taken, the oldest ages out, or to look for ones the target closed.
             taken = target.taken
-            with trio.move_on_at(target.warm[0][0] + WARM_MAX_AGE):
+            with trio.move_on_at(min(target.warm[0][0] + WARM_MAX_AGE, now + WARM_RETRY)):
                 await taken.wait()
 
     def describe(self, now: float) -> list[dict[str, Any]]:
