@@ -390,8 +390,8 @@ async def serve(
             async with trio.open_nursery() as listening:
                 fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel)
                 try:
-                    fwd._listen(opened)
                     fwd._keep_targets(table)
+                    fwd._listen(opened)
                     listening.start_soon(fwd._keep_offload_counters_fresh)
                     log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
                     task_status.started(fwd)

@@ -66,24 +66,23 @@ class Target:
 
     def take_warm(self, now: float) -> trio.SocketStream | None:
         """A warm socket that passed its liveness check now, or None."""
-        stream = None
-        while self.warm and stream is None:
-            born, candidate = self.warm.popleft()
-            if now - born < WARM_MAX_AGE and alive(candidate.socket):
-                stream = candidate
-            else:
-                candidate.socket.close()
-        self.taken.set()
+        if not self.warm:
+            return None
+        self.drop_stale(now)
+        stream = self.warm.popleft()[1] if self.warm else None
+        self.taken.set()  # the filler tops the pool up
         self.taken = trio.Event()
         return stream
 
     def drop_stale(self, now: float) -> None:
         """Close warm sockets that aged out or that the target closed."""
-        keep = [(born, s) for born, s in self.warm if now - born < WARM_MAX_AGE and alive(s.socket)]
-        for _, stream in self.warm:
-            if all(stream is not kept for _, kept in keep):
+        keep: collections.deque[tuple[float, trio.SocketStream]] = collections.deque()
+        for born, stream in self.warm:
+            if now - born < WARM_MAX_AGE and alive(stream.socket):
+                keep.append((born, stream))
+            else:
                 stream.socket.close()
-        self.warm = collections.deque(keep)
+        self.warm = keep
 
     def close_warm(self) -> None:
         while self.warm:
@@ -113,7 +112,7 @@ class RouteTargets:
     def order(self, attempts: int, now: float) -> list[int]:
         """Indexes of targets to try; only the usable ones (empty: every target is down)."""
         usable = [i for i, target in enumerate(self.targets) if target.health.usable(now)]
-        return self.balancer.order(attempts, usable)
+        return self.balancer.order(attempts, None if len(usable) == len(self.targets) else usable)
 
     def close(self) -> None:
         """Stop the background work and close every warm socket."""
@@ -176,7 +175,7 @@ class RouteTargets:
         """Each target's state, as `routes`, `stats` and metrics show it."""
         active = self.balancer.active
         return [
-            {"target": target.name, "active": active[i] if i < len(active) else 0, "warm": len(target.warm), **target.health.describe(now)}
+            {"target": target.name, "active": active[i], "warm": len(target.warm), **target.health.describe(now)}
             for i, target in enumerate(self.targets)
         ]
 
