@@ -20,6 +20,7 @@ import trio
 import triofwd
 from tests.conftest import AccessLogCapture, config, connect, forwarder, receive_all, route, wait_for
 from tests.test_inspect import inspector
+from tests.test_metrics import parse_exposition, value
 
 FAST_CHECKS = triofwd.HealthCheck(interval="50ms", timeout="200ms", rise=2, fall=2)
 
@@ -341,10 +342,14 @@ async def test_targets_show_in_routes_stats_metrics_and_the_inspector(tmp_path: 
                 nursery.cancel_scope.cancel()
     assert [(t["target"], t["up"], t["warm"]) for t in r["target_state"]] == [(a.address, True, 1), (hole, False, 0)]
     assert [t["target"] for t in stats["targets"]["r"]] == [a.address, hole]
-    assert f'triofwd_target_up{{route="r",target="{a.address}"}} 1' in metrics
-    assert f'triofwd_target_up{{route="r",target="{hole}"}} 0' in metrics
-    assert f'triofwd_target_circuit_state{{route="r",target="{hole}",state="closed"}} 1' in metrics
-    assert f'triofwd_target_warm_connections{{route="r",target="{a.address}"}} 1' in metrics
+    fams = parse_exposition(metrics)  # strictly: grammar, one TYPE per family, no duplicate series
+    assert value(fams, "triofwd_target_up", route="r", target=a.address) == 1
+    assert value(fams, "triofwd_target_up", route="r", target=hole) == 0
+    assert [value(fams, "triofwd_target_circuit_state", route="r", target=hole, state=c) for c in ("closed", "open", "half-open")] == [1, 0, 0]
+    assert value(fams, "triofwd_target_warm_connections", route="r", target=a.address) == 1
+    assert value(fams, "triofwd_target_checks_total", route="r", target=hole, result="failed") >= 2
+    # The warm pool tried the hole (refused) before the second failed check took it out.
+    assert value(fams, "triofwd_target_failures_total", route="r", target=hole) >= 1
     lines = inspector.format_routes([r])
     assert lines[-3].split() == ["ROUTE", "TARGET", "HEALTH", "CIRCUIT", "ACTIVE", "WARM", "FAILURES", "LAST", "CHECK"]
     assert lines[-2].split() == ["r", a.address, "up", "closed", "0", "1", "0", "ok"]
