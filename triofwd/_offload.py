@@ -50,6 +50,7 @@ class KernelRules:
         self.installed = False
         self.counters: dict[str, tuple[int, int]] = {}
         self._first = True
+        self._rules: list[_nft.OffloadRule] = []  # what is in the kernel now, when installed
 
     async def prepare(self, table: RouteTable) -> RouteTable:
         """Install the table's offload rules (one transaction), or fall back, or raise OffloadError.
@@ -69,12 +70,15 @@ class KernelRules:
             return table
         problem = await trio.to_thread.run_sync(_nft.nft_available)
         if problem is None:
+            rules = [offload_rule(r) for r in offload]
+            # Ours installed already (a reload): update it in place, so its chains stay hooked.
+            text = _nft.render_ruleset(rules, previous=self._rules if self.installed else None)
             try:
-                await trio.to_thread.run_sync(_nft.apply, ruleset_text(table))
+                await trio.to_thread.run_sync(_nft.apply, text)
             except _nft.NftError as exc:
                 problem = str(exc)
             else:
-                self.installed = True
+                self.installed, self._rules = True, rules
                 return table
         stuck = [r.name for r in offload if r.spec.offload_fallback != "forward"]
         if stuck:
@@ -103,7 +107,7 @@ class KernelRules:
             except _nft.NftError as exc:
                 log.error("cannot remove the nftables table: %s", exc)
             else:
-                self.installed = False
+                self.installed, self._rules = False, []
         if scope.cancelled_caught:
             log.error("removing the nftables table took more than %.0fs", REMOVE_TIMEOUT)
 
