@@ -297,6 +297,13 @@ async def _embedded(out: dict[str, Any], access: Lines) -> None:
         }
         out["ruleset_after_reloads"] = ruleset()  # the last reload (i odd) chose TARGET_B
 
+        # Someone else deleted our table: the next reload cannot update it in place and
+        # installs it whole instead (then back to TARGET_B for the steps below).
+        run(NFT, "delete", "table", "inet", "triofwd")
+        await fwd.reload(_config(TARGET_A))
+        out["ruleset_after_outside_delete"] = ruleset()
+        await fwd.reload(_config(TARGET_B))
+
         # 6. A connection the kernel path did not take: a table of the test's own marks
         # the port's packets untracked, so nat skips them and triofwd's listener gets it.
         run(NFT, "-f", "-", stdin=BYPASS_RULES)

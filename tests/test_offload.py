@@ -265,6 +265,10 @@ def test_reload_never_lets_a_connection_past_the_kernel(embedded: dict[str, Any]
     assert set(embedded["atomic"]["probe_results"]) == {TARGET_A, TARGET_B}, embedded["atomic"]
 
 
+def test_reload_reinstalls_a_table_deleted_from_outside(embedded: dict[str, Any]) -> None:
+    only_target(embedded["ruleset_after_outside_delete"], TARGET_A, TARGET_B)
+
+
 def test_daemon_sighup_swaps_the_target(daemon: dict[str, Any]) -> None:
     first = daemon["first"]
     only_target(first["ruleset_after_hup"], TARGET_B, TARGET_A)

@@ -71,10 +71,8 @@ class KernelRules:
         problem = await trio.to_thread.run_sync(_nft.nft_available)
         if problem is None:
             rules = [offload_rule(r) for r in offload]
-            # Ours installed already (a reload): update it in place, so its chains stay hooked.
-            text = _nft.render_ruleset(rules, previous=self._rules if self.installed else None)
             try:
-                await trio.to_thread.run_sync(_nft.apply, text)
+                await self._apply(rules)
             except _nft.NftError as exc:
                 problem = str(exc)
             else:
@@ -88,6 +86,16 @@ class KernelRules:
         if self.installed:
             await self.remove()
         return with_routes(table, [dataclasses.replace(r, action="forward") if r.action == "offload" else r for r in table.routes])
+
+    async def _apply(self, rules: list[_nft.OffloadRule]) -> None:
+        if self.installed and self._rules:
+            # Ours is installed (a reload): update it in place, so its chains stay hooked.
+            try:
+                await trio.to_thread.run_sync(_nft.apply, _nft.render_ruleset(rules, previous=self._rules))
+                return
+            except _nft.NftError as exc:  # someone else changed the table: replace it whole
+                log.warning("cannot update the nftables table in place (%s): replacing it", exc)
+        await trio.to_thread.run_sync(_nft.apply, _nft.render_ruleset(rules))
 
     async def read_counters(self) -> dict[str, tuple[int, int]]:
         """Packets and bytes per offload route, from the kernel; {} when nothing is installed."""
