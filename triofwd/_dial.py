@@ -30,6 +30,9 @@ _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EN
 # No socket could be made here (out of fds or memory): the limit is ours, not the target's.
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TIMEOUT = {errno.ETIMEDOUT}
+# The target accepted and reset at once: seen by connect() (ECONNRESET in SO_ERROR) or, a
+# moment later, by getpeername() (ENOTCONN). It was reached; it said no.
+_RESET = {errno.ECONNRESET, errno.ENOTCONN}
 
 # Delay before happy eyeballs (RFC 8305) starts the next address of a hostname; trio's default.
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -45,7 +48,7 @@ def _leaf_errors(exc: BaseException) -> list[BaseException]:
 
 def connect_failure(exc: OSError) -> Reason:
     """The reason for a failed connect: dns_error, connect_refused, connect_timeout,
-    target_unreachable, or capacity when no socket could be made at all."""
+    target_reset, target_unreachable, or capacity when no socket could be made at all."""
     if isinstance(exc, socket.gaierror):
         return Reason.DNS_ERROR
     codes = {leaf.errno for leaf in _leaf_errors(exc) if isinstance(leaf, OSError)}
@@ -53,6 +56,8 @@ def connect_failure(exc: OSError) -> Reason:
         return Reason.CAPACITY
     if errno.ECONNREFUSED in codes:
         return Reason.CONNECT_REFUSED
+    if codes & _RESET:
+        return Reason.TARGET_RESET
     if codes & _TIMEOUT:
         return Reason.CONNECT_TIMEOUT
     return Reason.TARGET_UNREACHABLE
@@ -64,9 +69,15 @@ def format_address(address: tuple[object, ...]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _connect(host: str, port: int, timeout: float) -> trio.SocketStream:
+async def _connect(host: str, port: int, timeout: float) -> tuple[trio.SocketStream, tuple[object, ...]]:
+    """A connected stream and the address it reached (of the host's addresses, the one that answered)."""
     with trio.fail_after(timeout):
-        return await trio.open_tcp_stream(host, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
+        stream = await trio.open_tcp_stream(host, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
+    try:
+        return stream, stream.socket.getpeername()
+    except OSError:  # reset since the handshake (ENOTCONN): a failed connect, and no socket left open
+        stream.socket.close()
+        raise
 
 
 @contextlib.asynccontextmanager
@@ -86,14 +97,14 @@ async def dialed(
         conn.target = format_address((host, port))
         began = trio.current_time()
         try:
-            stream = await _connect(host, port, route.policy.connect_timeout)
+            stream, peer = await _connect(host, port, route.policy.connect_timeout)
         except trio.TooSlowError:
             reason = Reason.CONNECT_TIMEOUT
         except OSError as exc:
             reason = connect_failure(exc)
         else:
             conn.connect_time = trio.current_time() - began
-            conn.target = format_address(stream.socket.getpeername())
+            conn.target = format_address(peer)
             async with stream:
                 with balancer.hold(index):
                     yield stream
