@@ -54,17 +54,25 @@ async def test_targets_that_refuse_or_black_hole(scenario) -> None:
                 s.faults = count
 
 
-async def test_targets_that_reset_mid_stream_or_close_early(scenario) -> None:
-    """A target that answers part and resets: the client gets the part, then the end;
-    target_reset. A target that closes while the client is still sending a megabyte:
-    target_reset too (its kernel answers the unread bytes with a reset)."""
-    count = 100
-    async with backend(resetting_target(after=1000, reply=b"partial")) as resetting, backend(early_closing_target(after=1000)) as closing:
-        text = route_file({}, {"name": "resetting", "targets": [resetting]}, {"name": "closing", "targets": [closing]})
+async def test_targets_that_reset_at_once_mid_stream_or_close_early(scenario) -> None:
+    """A target that resets as soon as it accepts: target_reset. One that answers part and
+    resets: the client gets the part, then the end; target_reset. One that closes while
+    the client is still sending a megabyte: target_reset too (its kernel answers the
+    unread bytes with a reset)."""
+    count = 300
+    async with (
+        backend(resetting_target(after=0)) as at_once,
+        backend(resetting_target(after=1000, reply=b"partial")) as resetting,
+        backend(early_closing_target(after=1000)) as closing,
+    ):
+        text = route_file({}, {"name": "at_once", "targets": [at_once]}, {"name": "resetting", "targets": [resetting]}, {"name": "closing", "targets": [closing]})
         async with scenario(text) as s:
 
             async def one(i: int) -> None:
-                if i % 2:
+                kind = i % 3
+                if kind == 0:
+                    assert await exchange(await s.open("at_once", expect="target_reset"), b"a" * 1000) == b""
+                elif kind == 1:
                     got = await exchange(await s.open("resetting", expect="target_reset"), b"r" * 1000)
                     assert got in (b"partial", b"")  # the reset may overtake the bytes
                 else:
