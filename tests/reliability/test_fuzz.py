@@ -20,7 +20,7 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import triofwd
@@ -255,8 +255,13 @@ messages = st.one_of(
 )
 
 
+# Not UTF-8 inside a JSON string, in the request and in its args (found by fuzz/fuzz_control.py).
+BAD_UTF8 = [b'{"i\x9f": 3, "cmd": "kill"}', b'{"id": 1, "cmd": "\xff"}', b'{"id": 1, "cmd": "kill", "args": {"id": "\xc3("}}']
+
+
 @settings(max_examples=50, deadline=None)
-@given(st.lists(messages, min_size=1, max_size=30))
+@given(st.lists(messages | st.sampled_from(BAD_UTF8), min_size=1, max_size=30))
+@example(BAD_UTF8)
 def test_control_messages_always_get_a_reply(batch: list[bytes]) -> None:
     """Whatever a client sends, dispatch answers with a Reply that encodes (or starts a
     watch), and never raises; the forwarder keeps serving."""
@@ -284,7 +289,7 @@ async def test_bad_messages_on_a_live_control_socket(scenario) -> None:
         control_path = s.daemon.proc.args[s.daemon.proc.args.index("--control") + 1]
         with trio.fail_after(30):
             async with triofwd.open_control(control_path) as client:
-                for message in junk:
+                for message in [*junk, *BAD_UTF8]:
                     await client.send_raw(message)
                     reply = await client.receive()
                     assert reply["ok"] is False and reply["error"], reply
@@ -297,4 +302,4 @@ async def test_bad_messages_on_a_live_control_socket(scenario) -> None:
             # trio-websocket does not notice an EOF in the middle of a handshake: such a
             # session holds its socket until HANDSHAKE_TIMEOUT cuts it off.
             s.fds_settle = HANDSHAKE_TIMEOUT + 2
-            s.faults = len(junk) + 3
+            s.faults = len(junk) + len(BAD_UTF8) + 3
