@@ -239,7 +239,8 @@ def check_reasons(expected: list[tuple[str, frozenset[str]]], records: list[dict
     """Exactly one line per connection made, with one of its expected reasons.
 
     Lines are matched by client address; the kernel may reuse a client port within a
-    scenario (TIME_WAIT reuse on loopback), so an address made twice needs two lines.
+    scenario (TIME_WAIT reuse on loopback, or at once toward another listener), so an
+    address made twice needs two lines, each reason matching one of its connections.
     """
     wanted: dict[str, list[frozenset[str]]] = collections.defaultdict(list)
     for client, reasons in expected:
@@ -253,15 +254,33 @@ def check_reasons(expected: list[tuple[str, frozenset[str]]], records: list[dict
         if len(allowed) != len(seen):
             problems.append(f"{client}: {len(seen)} lines {seen} for {len(allowed)} connections")
             continue
-        # Greedy is enough: the expectations of one address are alike in every scenario.
-        left = list(allowed)
-        for reason in seen:
-            match = next((a for a in left if reason in a), None)
-            if match is None:
-                problems.append(f"{client}: reason {reason!r}, expected one of {sorted(set().union(*left))}")
-                break
-            left.remove(match)
+        if not _matched(allowed, seen):
+            problems.append(f"{client}: reasons {seen}, expected one each of {[sorted(a) for a in allowed]}")
     assert not problems, f"{len(problems)} connections logged wrongly, e.g. {problems[:5]}"
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """A reload must never read half a file: write beside it, then rename over it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _matched(allowed: list[frozenset[str]], seen: list[str]) -> bool:
+    """Whether each line's reason can be given to a different connection that allows it
+    (a bipartite matching, Kuhn's algorithm: an address has a handful of connections)."""
+    owner: dict[int, int] = {}  # line -> connection
+
+    def place(conn: int, tried: set[int]) -> bool:
+        for line, reason in enumerate(seen):
+            if reason in allowed[conn] and line not in tried:
+                tried.add(line)
+                if line not in owner or place(owner[line], tried):
+                    owner[line] = conn
+                    return True
+        return False
+
+    return all(place(conn, set()) for conn in range(len(allowed)))
 
 
 def daemon_env(*paths: str | os.PathLike[str]) -> dict[str, str]:
