@@ -50,6 +50,7 @@ from tests.reliability.harness import (  # noqa: E402
     resetting_target,
     route_file,
     rss_bytes,
+    trickle,
     write_atomically,
 )
 from triofwd._clienthello import build_client_hello  # noqa: E402
@@ -113,15 +114,7 @@ async def half_open(s: Scenario, rng: random.Random) -> None:
 
 async def slowloris(s: Scenario, rng: random.Random) -> None:
     async with await s.open("tls", expect="initial_data_timeout") as client:
-        for byte in build_client_hello("www.example.com"):
-            try:
-                await client.send_all(bytes([byte]))
-            except trio.BrokenResourceError:
-                return
-            with trio.move_on_after(0.3):
-                if await receive_all(client) == b"":
-                    return
-        raise AssertionError("a slowloris ClientHello got through")
+        await trickle(client, build_client_hello("www.example.com"), interval=0.3)
 
 
 async def garbage_hello(s: Scenario, rng: random.Random) -> None:

@@ -318,6 +318,20 @@ async def running(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+async def trickle(client: trio.SocketStream, data: bytes, interval: float) -> None:
+    """Slowloris: send `data` one byte per `interval` until the daemon closes the connection;
+    raise AssertionError if every byte went through."""
+    for byte in data:
+        try:
+            await client.send_all(bytes([byte]))
+        except trio.BrokenResourceError:
+            return
+        with trio.move_on_after(interval):
+            if await receive_all(client) == b"":
+                return
+    raise AssertionError(f"all {len(data)} bytes went through at one byte per {interval}s")
+
+
 # -- scripted peers (trio handlers for tests.conftest.backend) -----------------------------
 
 

@@ -13,7 +13,7 @@ import random
 import trio
 
 from tests.conftest import backend, echo, receive_all, receive_exactly, rst_close
-from tests.reliability.harness import MIB, half_open_target, route_file, rss_bytes
+from tests.reliability.harness import MIB, half_open_target, route_file, rss_bytes, trickle
 from triofwd._clienthello import build_client_hello
 from triofwd._proxy_protocol import encode_v2
 
@@ -79,16 +79,7 @@ async def test_slowloris_on_an_sni_port(scenario) -> None:
                 client = await s.open("tls", expect="initial_data_timeout")
                 opened = trio.current_time()
                 async with client:
-                    for byte in hello:
-                        try:
-                            await client.send_all(bytes([byte]))
-                        except trio.BrokenResourceError:
-                            break
-                        with trio.move_on_after(1.0):
-                            if await receive_all(client) == b"":
-                                break
-                    else:
-                        raise AssertionError("the whole ClientHello went through at one byte per second")
+                    await trickle(client, hello, interval=1.0)
                     assert trio.current_time() - opened < 2 + 5  # the route's 2 s, with room for a busy machine
                     cut_off += 1
 
