@@ -221,7 +221,7 @@ async def soak(minutes: int, workers: int, seed: int) -> int:
                             return 1
                         faults = sum(n for k, n in made.items() if k != "echo")
                         print(f"minute {minute}/{minutes}: {sum(made.values())} exchanges ({faults} faults), "
-                              f"{summary.connections} connections so far, fds {sum(s._fds().values())}/{sum(s.base_fds.values())}, "
+                              f"{summary.connections} connections so far, fds {sum(s.fds().values())}/{sum(s.base_fds.values())}, "
                               f"rss {rss_bytes(daemon.pid) / MIB:.1f} MiB (+{summary.rss_growth_mib:.1f}), table empty, "
                               f"stats total {summary.connections}, {time.monotonic() - began:.0f}s: ok", flush=True)  # fmt: skip
                     daemon.signal(signal.SIGTERM)

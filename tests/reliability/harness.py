@@ -106,12 +106,12 @@ class Scenario:
 
     def __init__(self, daemon: Daemon, control: Any, rss_bound_mib: float, errors_allowed: bool) -> None:
         self.daemon = daemon
-        # How long fds may take to come back after the table is empty: 0, unless something
-        # besides connections holds them for a bounded time (a control session's handshake).
-        self.fds_settle = 0.0
         self.control = control
         self.rss_bound = rss_bound_mib * MIB
         self.errors_allowed = errors_allowed
+        # How long fds may take to come back after the table is empty: 0, unless something
+        # besides connections holds them for a bounded time (a control session's handshake).
+        self.fds_settle = 0.0
         self.expected: list[tuple[str, frozenset[str]]] = []
         self.faults = 0
         self.summary: Summary | None = None
@@ -126,13 +126,14 @@ class Scenario:
 
     async def baseline(self) -> None:
         """The daemon's state before the scenario: fds, RSS, totals, log lines."""
-        self.base_fds = self._fds()
+        self.base_fds = self.fds()
         self.base_rss = rss_bytes(self.pid)
         self.base_total = (await self.control.request("stats"))["total"]
         self.base_records = len(self.daemon.access_records())
         self._started = time.monotonic()
 
-    def _fds(self) -> collections.Counter[str]:
+    def fds(self) -> collections.Counter[str]:
+        """The daemon's open fds by kind, the splice pool's pipes apart (bounded, not counted)."""
         kinds = fd_kinds(self.pid)
         assert kinds["pipe"] <= 2 * POOL_LIMIT, f"more pipe fds than the splice pool keeps: {kinds}"
         del kinds["pipe"]
@@ -198,11 +199,11 @@ class Scenario:
         assert stats["total"] == self.base_total + made, (stats["total"], self.base_total, made)
         assert sum(stats["terminations"].values()) == stats["total"], stats["terminations"]
         # 2. file descriptors back to the baseline (the table is empty: nothing may hold one)
-        fds = self._fds()
+        fds = self.fds()
         with trio.move_on_after(self.fds_settle):
             while fds != self.base_fds:
                 await trio.sleep(POLL)
-                fds = self._fds()
+                fds = self.fds()
         assert fds == self.base_fds, f"fds before {dict(self.base_fds)}, after {dict(fds)}: {self._fd_listing()}"
         # 3. memory
         growth = rss_bytes(self.pid) - self.base_rss
