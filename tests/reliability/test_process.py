@@ -7,7 +7,6 @@ the SIGTERM one checks what can be checked of a process that has exited.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import resource
 import signal
@@ -17,7 +16,7 @@ import time
 import trio
 
 from tests.conftest import backend, echo, receive_all, receive_exactly
-from tests.reliability.harness import fd_kinds, route_file
+from tests.reliability.harness import fd_kinds, route_file, write_atomically
 
 GIVE_UP = 60  # no scenario here may take longer, whatever happens
 
@@ -71,13 +70,6 @@ async def test_out_of_file_descriptors_then_recovered(scenario) -> None:
             records = await s.settle()
             assert [r["reason"] for r in records].count("capacity") == outcomes.count(False)
             s.faults = extra
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """A reload must never read half a file: write beside it, then rename over it."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 async def test_sighup_every_100ms_during_traffic(scenario) -> None:
