@@ -31,6 +31,9 @@ _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EN
 # No socket could be made here (out of fds or memory): the limit is ours, not the target's.
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TIMEOUT = {errno.ETIMEDOUT}
+# The target accepted and reset at once: seen by connect() (ECONNRESET in SO_ERROR) or, a
+# moment later, by getpeername() (ENOTCONN). It was reached; it said no.
+_RESET = {errno.ECONNRESET, errno.ENOTCONN}
 
 # Delay before happy eyeballs (RFC 8305) starts the next address of a hostname; trio's default.
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -46,7 +49,7 @@ def _leaf_errors(exc: BaseException) -> list[BaseException]:
 
 def connect_failure(exc: OSError) -> Reason:
     """The reason for a failed connect: dns_error, connect_refused, connect_timeout,
-    target_unreachable, or capacity when no socket could be made at all."""
+    target_reset, target_unreachable, or capacity when no socket could be made at all."""
     if isinstance(exc, socket.gaierror):
         return Reason.DNS_ERROR
     codes = {leaf.errno for leaf in _leaf_errors(exc) if isinstance(leaf, OSError)}
@@ -54,6 +57,8 @@ def connect_failure(exc: OSError) -> Reason:
         return Reason.CAPACITY
     if errno.ECONNREFUSED in codes:
         return Reason.CONNECT_REFUSED
+    if codes & _RESET:
+        return Reason.TARGET_RESET
     if codes & _TIMEOUT:
         return Reason.CONNECT_TIMEOUT
     return Reason.TARGET_UNREACHABLE
@@ -69,6 +74,19 @@ async def open_target(host: str, port: int, timeout: float) -> trio.SocketStream
     """A fresh connection to a target, within `timeout` (trio.TooSlowError past it)."""
     with trio.fail_after(timeout):
         return await trio.open_tcp_stream(host, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
+
+
+def _reached(stream: trio.SocketStream) -> tuple[object, ...]:
+    """The address a connected stream reached (of a host's addresses, the one that answered).
+
+    A target that reset since the handshake fails here (ENOTCONN): a failed connect, and
+    its socket is closed at once rather than left to the garbage collector.
+    """
+    try:
+        return stream.socket.getpeername()
+    except OSError:
+        stream.socket.close()
+        raise
 
 
 @contextlib.asynccontextmanager
@@ -97,6 +115,7 @@ async def dialed(
         conn.target = target.name
         try:
             stream = target.take_warm(began) or await open_target(host, port, route.policy.connect_timeout)
+            peer = _reached(stream)
         except trio.TooSlowError:
             reason = Reason.CONNECT_TIMEOUT
         except OSError as exc:
@@ -107,8 +126,7 @@ async def dialed(
         else:
             conn.connect_time = trio.current_time() - began
             target.health.connected(attempt)
-            with contextlib.suppress(OSError):  # a peer gone already shows up at the first read
-                conn.target = format_address(stream.socket.getpeername())
+            conn.target = format_address(peer)
             async with stream:
                 with targets.balancer.hold(index):
                     try:

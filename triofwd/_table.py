@@ -138,11 +138,13 @@ class RouteTable:
     # table is built, so the accept path looks it up instead of scanning the routes each time.
     _accepts_proxy: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
     _reads_hello: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
+    _first_bytes_timeout: dict[ListenKey, float] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         items = self.by_listener.items()
         object.__setattr__(self, "_accepts_proxy", frozenset(k for k, rs in items if any(r.accept_proxy_protocol for r in rs)))
         object.__setattr__(self, "_reads_hello", frozenset(k for k, rs in items if any(r.domains or r.action == "bridge" for r in rs)))
+        object.__setattr__(self, "_first_bytes_timeout", {k: max(r.policy.initial_data_timeout for r in rs) for k, rs in items})
 
     def accepts_proxy(self, key: ListenKey) -> bool:
         """Connections on this listener may start with a PROXY header (from trusted_proxies).
@@ -158,6 +160,15 @@ class RouteTable:
 
     def reads_first_bytes(self, key: ListenKey) -> bool:
         return key in self._accepts_proxy or key in self._reads_hello
+
+    def first_bytes_timeout(self, key: ListenKey) -> float:
+        """How long this listener waits for the first bytes that pick a route.
+
+        The bytes decide the route, so no route's own initial_data_timeout applies yet:
+        the listener waits as long as the most patient of its routes (each one's own
+        value, else [settings]), so no route's clients are cut off sooner than it allows.
+        """
+        return self._first_bytes_timeout.get(key, self.policy.initial_data_timeout)
 
     def is_trusted_proxy(self, ip: str) -> bool:
         return bool(self.trusted_proxies) and _in_any(client_address(ip), self.trusted_proxies)

@@ -11,14 +11,14 @@ import functools
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
 
 import triofwd
-from tests.conftest import AccessLogCapture, config, connect, forwarder, receive_all, route, wait_for
+from tests.conftest import AccessLogCapture, black_hole, config, connect, forwarder, receive_all, refused_address, route, rst_close, wait_for
 from tests.test_inspect import inspector
 from tests.test_metrics import parse_exposition, value
 
@@ -91,20 +91,10 @@ class Target:
 
 
 def dead_port() -> int:
-    """A port nothing listens on (connects are refused)."""
+    """A port nothing listens on (connects are refused) and that a Target may listen on later."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def black_hole() -> Iterator[str]:
-    """An address whose connects hang: a listener with a full backlog drops every SYN."""
-    with socket.socket() as listener, socket.socket() as filler:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        filler.connect(listener.getsockname())  # fills the one slot; nobody ever accepts
-        yield "127.0.0.1:%d" % listener.getsockname()[1]
 
 
 async def ask(fwd: triofwd.Forwarder, name: str = "r") -> bytes:
@@ -214,8 +204,7 @@ async def test_the_circuit_opens_its_backoff_doubles_to_the_cap_and_resets_when_
 async def test_a_target_that_resets_connections_opens_its_circuit() -> None:
     async def resets(stream: trio.SocketStream) -> None:
         await stream.receive_some()
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        stream.socket.close()
+        rst_close(stream)
 
     log = AccessLogCapture()
     breaker = triofwd.CircuitBreaker(failures=3, backoff="1m")
@@ -329,9 +318,8 @@ async def test_reload_keeps_the_state_of_targets_that_did_not_change() -> None:
 
 
 async def test_targets_show_in_routes_stats_metrics_and_the_inspector(tmp_path: Any) -> None:
-    with trio.fail_after(20):
+    with trio.fail_after(20), refused_address() as hole:
         async with targets("a") as (_, (a,)):
-            hole = f"127.0.0.1:{dead_port()}"
             cfg = config(route(targets=[a.address, hole], health_check=FAST_CHECKS, circuit_breaker=triofwd.CircuitBreaker(), warm=1))
             async with forwarder(cfg) as fwd, trio.open_nursery() as nursery:
                 path = await nursery.start(triofwd.serve_control, fwd, tmp_path / "c.sock")
