@@ -143,7 +143,11 @@ async def bridge(fwd: Forwarder, conn: Connection, client: trio.SocketStream, ro
     async with dialed(conn, route, fwd._targets_for(route)) as raw_target:
         await _send_proxy_header(route.proxy_protocol, conn, raw_target)
         sni = hello.server_name if hello else None
-        name = tls.target_name(sni, str(raw_target.socket.getpeername()[0]))
+        try:
+            target_ip = str(raw_target.socket.getpeername()[0])
+        except OSError as exc:  # it reset since the dial (ENOTCONN)
+            raise ConnectionEnded(Reason.TARGET_RESET, str(exc)) from exc
+        name = tls.target_name(sni, target_ip)
         target = trio.SSLStream(raw_target, tls.client_context(hello.alpn if hello else ()), server_hostname=name, https_compatible=True)
         with deadline_means(route.policy.connect_timeout, Reason.CONNECT_TIMEOUT):
             await handshake(target, peer_is_client=False)
