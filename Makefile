@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench check clean system-deps
+.PHONY: run test bench check clean system-deps soak fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,29 @@ test: $(STAMP) system-deps
 bench: $(STAMP)
 	bash tools/bench_setup.sh
 	$(PY) tools/bench.py
+
+# Soak: the real daemon under mixed traffic and faults, checked every minute (tools/soak.py).
+SOAK_ARGS ?= --minutes 30
+soak: $(STAMP)
+	$(PY) tools/soak.py $(SOAK_ARGS)
+
+# Fuzzing with atheris (libFuzzer for Python): the route-file loader, the ClientHello parser,
+# the PROXY codec and control messages, side by side and unbounded until Ctrl-C or the first
+# crash (written to fuzz/crashes/). Bounded: make fuzz FUZZ_ARGS=-max_total_time=60
+# (make test runs the same targets under hypothesis, bounded: tests/reliability/test_fuzz.py).
+FUZZ_TARGETS := route_file clienthello proxy_protocol control
+FUZZ_ARGS ?=
+fuzz: $(STAMP)
+	@$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install --quiet atheris || { \
+		echo "make fuzz: atheris could not be installed into $(VENV): it ships wheels for CPython on x86-64/aarch64 Linux only, else it needs clang with libFuzzer to build"; exit 1; }
+	@mkdir -p fuzz/crashes fuzz/logs
+	@echo "fuzzing $(FUZZ_TARGETS) $(if $(FUZZ_ARGS),with $(FUZZ_ARGS),until Ctrl-C); logs in fuzz/logs/"
+	@pids=; for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t; \
+		$(PY) fuzz/fuzz_$$t.py fuzz/corpus/$$t fuzz/seeds/$$t -artifact_prefix=fuzz/crashes/$$t- $(FUZZ_ARGS) > fuzz/logs/$$t.log 2>&1 & pids="$$pids $$!"; \
+	done; trap 'kill $$pids 2>/dev/null' INT TERM; status=0; \
+	for t in $(FUZZ_TARGETS); do set -- $$pids; pid=$$1; shift; pids="$$*"; \
+		if wait $$pid; then echo "$$t: $$(grep -h '^Done' fuzz/logs/$$t.log)"; else status=1; echo "$$t: FAILED, see fuzz/logs/$$t.log and fuzz/crashes/"; fi; \
+	done; exit $$status
 
 check: $(STAMP)
 	@for f in routes/*.toml routes/*.yaml routes/*.json; do [ -e "$$f" ] && $(PY) -m triofwd check "$$f"; done; true

@@ -12,6 +12,8 @@ import json
 import os
 import pathlib
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -126,6 +128,33 @@ class AccessLogCapture:
             while len(self.lines) < count:
                 await self.changed.wait()
         return self.records
+
+
+# -- misbehaving peers ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def refused_address() -> Iterator[str]:
+    """An address where nothing listens: the port stays bound (not listening) so nothing else takes it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield "127.0.0.1:%d" % sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[str]:
+    """An address whose SYNs are dropped: a listener with backlog 0, already full."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())
+        yield "127.0.0.1:%d" % listener.getsockname()[1]
+
+
+def rst_close(stream: trio.SocketStream) -> None:
+    """Close with SO_LINGER 0: the peer sees a reset, not an EOF."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
 
 
 def open_fds(pid: int | str = "self") -> int:

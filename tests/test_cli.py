@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import resource
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -276,21 +277,51 @@ def test_offload_without_nft_and_without_fallback_exits_2_with_one_line(tmp_path
     assert result.stderr == "triofwd: cannot install nftables rules for offload routes db: nft binary 'nft' not found\n"
 
 
-def test_the_demo_backend_starts_and_answers() -> None:
-    """`make run` starts tools/demo_backend.py; tools/inspect.py must not shadow the stdlib for it."""
+@contextlib.contextmanager
+def demo_backend() -> Iterator[int]:
+    """tools/demo_backend.py, as `make run` starts it, on a free port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "tools/demo_backend.py", "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline() == f"demo backend on http://127.0.0.1:{port}/\n"
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            answer = b""
-            while chunk := sock.recv(4096):
-                answer += chunk
-        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello from the triofwd demo backend\n")
+        assert proc.stdout is not None and proc.stdout.readline() == f"demo backend on http://127.0.0.1:{port}/\n"
+        yield port
     finally:
         proc.kill()
         proc.wait(10)
-        proc.stdout.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def http_get(address: tuple[str, int]) -> bytes:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
+
+
+def test_the_demo_backend_starts_and_answers() -> None:
+    """`make run` starts tools/demo_backend.py; tools/inspect.py must not shadow the stdlib for it."""
+    with demo_backend() as port:
+        answer = http_get(("127.0.0.1", port))
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello from the triofwd demo backend\n")
+
+
+def test_the_demo_serves_through_the_backend_whose_health_check_passes(daemon: Callable[..., Daemon], tmp_path: pathlib.Path) -> None:
+    """routes/demo.toml as `make run` serves it (its ports made free): forwarded, checked, warm."""
+    sock = tmp_path / "c.sock"
+    with demo_backend() as port:
+        text = (REPO / "routes" / "demo.toml").read_text().replace("8080", "0").replace("8083", "0").replace("8081", str(port))
+        d = daemon(text, "--control", str(sock))
+        assert http_get(d.address("web")).endswith(b"hello from the triofwd demo backend\n")
+        deadline = time.monotonic() + 10
+        while True:
+            inspect = subprocess.run([sys.executable, "tools/inspect.py", "-s", str(sock), "routes", "--json"], cwd=REPO, capture_output=True, text=True, timeout=20)
+            [target] = json.loads(inspect.stdout)[0]["target_state"]
+            if (target["last_check"], target["warm"]) == ("ok", 2) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert (target["target"], target["up"], target["last_check"], target["warm"]) == (f"127.0.0.1:{port}", True, "ok", 2)

@@ -18,6 +18,7 @@ import trio
 from triofwd._config import (
     ROUTE_OVERRIDES,
     TLS,
+    CircuitBreaker,
     Config,
     ConfigError,
     HealthCheck,
@@ -31,6 +32,7 @@ from triofwd._config import (
     parse_rate,
     parse_target,
 )
+from triofwd._health import CheckPolicy, CircuitPolicy
 from triofwd._table import compile_table
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -512,6 +514,7 @@ offload_fallback   = ""
 preserve_source_ip = false
 warm       = 0
 health_check = { interval = "5s", timeout = "1s", rise = 2, fall = 3, send = "PING", expect = "PONG" }
+circuit_breaker = { failures = 5, backoff = "1s", max_backoff = "5m" }
 connect_timeout        = "3s"
 initial_data_timeout   = "5s"
 inactivity_timeout     = "2h"
@@ -543,34 +546,47 @@ def test_contract_example_uses_every_key() -> None:
     assert set(doc["routes"][0]) == names(Route)
     assert set(doc["routes"][0]["tls"]) == names(TLS)
     assert set(doc["routes"][0]["health_check"]) == names(HealthCheck)
+    assert set(doc["routes"][0]["circuit_breaker"]) == names(CircuitBreaker)
     assert set(ROUTE_OVERRIDES) <= names(Settings) & names(Route)
 
 
-def test_contract_example_parses_and_later_features_are_refused() -> None:
+def test_contract_example_parses_and_compiles() -> None:
     config = parse_config(CONTRACT_EXAMPLE, ".toml")
     route = config.routes[0]
     assert route.ports == [2222, "8000-8010"]
     assert route.tls == TLS(cert="certs/example.pem", key="certs/example.key")
     assert route.health_check == HealthCheck(send="PING", expect="PONG")
+    assert route.circuit_breaker == CircuitBreaker()
     assert route.keepalive == "extended"
-    # Everything else in the example compiles (tls passthrough needs no certificate); health_check is for later.
-    assert sorted(compile_errors(config)) == [
-        "health_check is not supported yet - at `$.routes[0].health_check`",
-    ]
+    compiled = compile_table(config).routes[0]  # tls passthrough needs no certificate
+    assert compiled.health == CheckPolicy(interval=5.0, timeout=1.0, rise=2, fall=3, send=b"PING", expect=b"PONG")
+    assert compiled.circuit == CircuitPolicy(failures=5, backoff=1.0, max_backoff=300.0)
+    assert compiled.warm == 0
+
+
+def test_health_check_send_and_expect_take_toml_escapes() -> None:
+    route = compile_table(parse_config(one_route(warm="2", health_check='{ send = "PING\\r\\n", expect = "+OK" }'), ".toml")).routes[0]
+    assert route.health == CheckPolicy(interval=5.0, timeout=1.0, rise=2, fall=3, send=b"PING\r\n", expect=b"+OK")
+    assert route.warm == 2 and route.circuit is None
 
 
 @pytest.mark.parametrize(
-    ("keys", "path"),
+    ("keys", "expected"),
     [
-        ({"warm": "2"}, "$.routes[0].warm"),
-        ({"health_check": "{}"}, "$.routes[0].health_check"),
+        ({"health_check": '{ interval = "0" }'}, "invalid duration '0': this one cannot be off, give a positive duration such as \"1s\" - at `$.routes[0].health_check.interval`"),
+        ({"health_check": '{ timeout = "soon" }'}, "- at `$.routes[0].health_check.timeout`"),
+        ({"health_check": "{ rise = 0 }"}, "Expected `int` >= 1 - at `$.routes[0].health_check.rise`"),
+        ({"circuit_breaker": '{ backoff = "10s", max_backoff = "1s" }'}, "max_backoff '1s' is shorter than backoff '10s' - at `$.routes[0].circuit_breaker.max_backoff`"),
+        ({"circuit_breaker": "{ failures = 0 }"}, "Expected `int` >= 1 - at `$.routes[0].circuit_breaker.failures`"),
+        ({"circuit_breaker": "{ tries = 3 }"}, "Object contains unknown field `tries` - at `$.routes[0].circuit_breaker`"),
+        ({"warm": "-1"}, "Expected `int` >= 0 - at `$.routes[0].warm`"),
+        ({"action": '"reject"', "warm": "2"}, 'warm is only used with action = "forward" or "bridge" (reject: it has no targets) - at `$.routes[0].warm`'),
+        ({"action": '"offload"', "health_check": "{}"}, 'health_check is only used with action = "forward" or "bridge" (offload: the kernel forwards it) - at `$.routes[0].health_check`'),
     ],
 )
-def test_not_yet_supported_route_keys_are_refused(keys: dict[str, str], path: str) -> None:
+def test_target_health_keys_are_checked_at_their_path(keys: dict[str, str], expected: str) -> None:
     errors = errors_of(one_route(**keys))
-    assert len(errors) == 1
-    assert "is not supported yet" in errors[0]
-    assert errors[0].endswith(f"- at `{path}`")
+    assert any(line.endswith(expected) for line in errors), errors
 
 
 def test_trusted_proxies_are_cidrs() -> None:
@@ -605,14 +621,6 @@ def test_tls_and_bridge_combinations(route: str, expected: str) -> None:
 def test_a_missing_certificate_is_named_at_its_path(tmp_path) -> None:
     text = f'[[routes]]\nname = "a"\nports = [1]\ntargets = ["127.0.0.1:2"]\naction = "bridge"\n[routes.tls]\nmode = "terminate"\ncert = "{tmp_path}/none.pem"\nkey = "{tmp_path}/none.key"\n'
     assert errors_of(text) == ["cannot load TLS certificate or key: No such file or directory - at `$.routes[0].tls.cert`"]
-
-
-def test_all_later_features_at_once_are_all_named() -> None:
-    errors = errors_of(one_route(warm="1", health_check="{}"))
-    assert errors == [
-        "warm is not supported yet - at `$.routes[0].warm`",
-        "health_check is not supported yet - at `$.routes[0].health_check`",
-    ]
 
 
 @pytest.mark.parametrize(

@@ -8,38 +8,12 @@ import functools
 import logging
 import os
 import socket
-import struct
-from collections.abc import Iterator
 
 import pytest
 import trio
 
 import triofwd
-from tests.conftest import AccessLogCapture, backend, config, connect, echo, forwarder, receive_all, receive_exactly, route
-
-
-@contextlib.contextmanager
-def refused_address() -> Iterator[str]:
-    """An address where nothing listens: the port stays bound (not listening) so nothing else takes it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield "127.0.0.1:%d" % sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def black_hole() -> Iterator[str]:
-    """An address whose SYNs are dropped: a listener with backlog 0, already full."""
-    with socket.socket() as listener, socket.socket() as filler:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        filler.connect(listener.getsockname())
-        yield "127.0.0.1:%d" % listener.getsockname()[1]
-
-
-def rst_close(stream: trio.SocketStream) -> None:
-    """Close with SO_LINGER 0: the peer sees a reset, not an EOF."""
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    stream.socket.close()
+from tests.conftest import AccessLogCapture, backend, black_hole, config, connect, echo, forwarder, receive_all, receive_exactly, refused_address, route, rst_close
 
 
 async def test_ten_megabytes_both_ways_arrive_intact() -> None:

@@ -294,9 +294,14 @@ async def test_routes_lists_the_table_with_listeners_and_active_counts(tmp_path:
                 listening = fwd.addresses["web"]
     assert listening and web == {
         "name": "web", "action": "forward", "bind": "127.0.0.1", "ports": [0], "targets": [target], "balance": "round-robin",
-        "priority": 0, "listening": listening, "active": 1,
+        "priority": 0, "listening": listening, "active": 1, "target_state": [{
+            "target": target, "active": 1, "warm": 0, "up": True, "circuit": "closed", "usable": True, "consecutive_failures": 0,
+            "failures_total": 0, "circuit_opens_total": 0, "backoff_s": 0.0, "retry_in_s": 0.0, "checks_passed": 0,
+            "checks_failed": 0, "last_check": "",
+        }],
     }  # fmt: skip
     assert closed["name"] == "closed" and closed["action"] == "reject" and closed["active"] == 0 and closed["targets"] == []
+    assert closed["target_state"] == []
 
 
 async def test_watch_sees_open_then_close_in_order_beside_other_requests(tmp_path: pathlib.Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,7 +13,7 @@ import trio.testing
 
 import triofwd
 from triofwd._splice import POOL
-from tests.conftest import AccessLogCapture, backend, config, connect, echo, forwarder, open_fds, receive_all, receive_exactly, route, split
+from tests.conftest import AccessLogCapture, backend, config, connect, echo, forwarder, open_fds, receive_all, receive_exactly, route, rst_close, split
 
 
 def tagged(tag: bytes):
@@ -250,11 +249,6 @@ async def test_cancelling_the_embedding_nursery_closes_everything_with_shutdown(
 
 
 # -- churn ----------------------------------------------------------------------------
-
-
-def rst_close(stream: trio.SocketStream) -> None:
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    stream.socket.close()
 
 
 async def test_churn_leaves_an_empty_table_and_no_extra_file_descriptors() -> None:

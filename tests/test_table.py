@@ -377,3 +377,16 @@ def test_code_built_config_port_out_of_range_refused(port: int) -> None:
     with pytest.raises(ConfigError) as info:
         compile_table(Config(routes=[r("a", ports=[port])]))
     assert any(line.endswith("- at `$.routes[0].ports[0]`") for line in info.value.errors)
+
+
+def test_first_bytes_timeout_is_the_most_patient_route_on_the_listener() -> None:
+    """The first bytes pick the route, so a listener waits as long as its most patient route."""
+    settings = Settings(initial_data_timeout="30s")
+    sni = [Route(name="a", ports=[443], domains=["a.example"], targets=["127.0.0.1:1"], initial_data_timeout="2s"),
+           Route(name="b", ports=[443], domains=["b.example"], targets=["127.0.0.1:1"], initial_data_timeout="5s")]  # fmt: skip
+    table = compile_table(Config(settings=settings, routes=sni))
+    assert table.first_bytes_timeout(("0.0.0.0", 443, "")) == 5.0
+    fallback = Route(name="c", ports=[443], targets=["127.0.0.1:1"])  # no override: [settings]' 30 s
+    table = compile_table(Config(settings=settings, routes=[*sni, fallback]))
+    assert table.first_bytes_timeout(("0.0.0.0", 443, "")) == 30.0
+    assert table.first_bytes_timeout(("0.0.0.0", 8443, "")) == 30.0  # not a listener of this table

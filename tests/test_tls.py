@@ -301,7 +301,7 @@ async def test_routes_examples_for_each_mode_pass_check() -> None:
 
     from tests.conftest import REPO
 
-    for name in ("sni.toml", "bridge.toml", "proxy-protocol.yaml"):
+    for name in ("sni.toml", "bridge.toml", "proxy-protocol.yaml", "health.toml"):
         result = await trio.to_thread.run_sync(functools.partial(subprocess.run, [sys.executable, "-m", "triofwd", "check", f"routes/{name}"], capture_output=True, text=True, cwd=REPO, timeout=20))
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("ok: ")

@@ -142,7 +142,7 @@ def format_stats(stats: Mapping[str, Any]) -> list[str]:
 def format_routes(routes: Sequence[Mapping[str, Any]]) -> list[str]:
     if not routes:
         return ["no routes"]
-    return table(
+    lines = table(
         ["NAME", "ACTION", "LISTENING", "TARGETS", "ACTIVE"],
         (
             [r["name"], r["action"], ",".join(r["listening"]) or f"- ({r['bind']} {','.join(map(str, r['ports']))})",
@@ -151,6 +151,21 @@ def format_routes(routes: Sequence[Mapping[str, Any]]) -> list[str]:
         ),
         right=["ACTIVE"],
     )
+    targets = [
+        [r["name"], t["target"], "up" if t["up"] else "DOWN", _circuit(t), t["active"], t["warm"], t["failures_total"], t["last_check"] or "-"]
+        for r in routes
+        for t in r.get("target_state", ())
+    ]
+    if targets:
+        head = ["ROUTE", "TARGET", "HEALTH", "CIRCUIT", "ACTIVE", "WARM", "FAILURES", "LAST CHECK"]
+        lines += ["", *table(head, targets, right=["ACTIVE", "WARM", "FAILURES"])]
+    return lines
+
+
+def _circuit(target: Mapping[str, Any]) -> str:
+    if target["circuit"] == "open":
+        return f"OPEN (retry in {target['retry_in_s']:.1f}s)"
+    return str(target["circuit"])
 
 
 def format_reload(change: Mapping[str, Sequence[str]]) -> list[str]:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from ._config import TLS, Config, ConfigError, HealthCheck, Route, Settings, load_config, parse_config
+from ._config import TLS, CircuitBreaker, Config, ConfigError, HealthCheck, Route, Settings, load_config, parse_config
 from ._actions import HandlerInfo
 from ._connection import Connection
 from ._control import ControlError, metrics_text, open_control, serve_control
@@ -22,6 +22,7 @@ from ._server import Forwarder, ListenError, serve
 
 __all__ = [
     "TLS",
+    "CircuitBreaker",
     "Config",
     "ConfigError",
     "Connection",

@@ -23,6 +23,7 @@ class AccessRecord(msgspec.Struct, kw_only=True):
     target: str | None
     started: str
     duration_ms: float
+    connect_ms: float | None  # time to connect to the target (~0 for a warm socket); null: none was connected
     bytes_in: int
     bytes_out: int
     reason: str
@@ -48,6 +49,7 @@ class AccessLog:
             target=conn.target,
             started=_iso(conn.started),
             duration_ms=round(duration * 1000, 3),
+            connect_ms=None if conn.connect_time is None else round(conn.connect_time * 1000, 3),
             bytes_in=conn.bytes_in,
             bytes_out=conn.bytes_out,
             reason=str(conn.reason),

@@ -84,7 +84,7 @@ async def _send_proxy_header(version: str, conn: Connection, target: trio.Socket
 
 async def forward(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
     """Bytes both ways between the client and a target; the first bytes already read go first."""
-    async with dialed(conn, route, fwd._balancer(route)) as target:
+    async with dialed(conn, route, fwd._targets_for(route)) as target:
         _established(conn, route, client, target)
         await _send_proxy_header(route.proxy_protocol, conn, target)
         await relay(conn, client, target, route.policy, first.data)
@@ -120,7 +120,7 @@ async def bridge(fwd: Forwarder, conn: Connection, client: trio.SocketStream, ro
     handshake is bounded by initial_data_timeout and a failed one is tls_error.
     """
     if route.bridge_to is not None:
-        async with dialed(conn, route, fwd._balancer(route), failure=Reason.BRIDGE_ERROR) as hop:
+        async with dialed(conn, route, fwd._targets_for(route), failure=Reason.BRIDGE_ERROR) as hop:
             _established(conn, route, client, hop)
             await _send_proxy_header("v2", conn, hop)
             await relay(conn, client, hop, route.policy, first.data)
@@ -134,16 +134,20 @@ async def bridge(fwd: Forwarder, conn: Connection, client: trio.SocketStream, ro
         secure = trio.SSLStream(from_client, tls.server_context(), server_side=True, https_compatible=True)
         with deadline_means(route.policy.initial_data_timeout, Reason.INITIAL_DATA_TIMEOUT):
             await handshake(secure, peer_is_client=True)
-        async with dialed(conn, route, fwd._balancer(route)) as target:
+        async with dialed(conn, route, fwd._targets_for(route)) as target:
             _established(conn, route, client, target)
             await _send_proxy_header(route.proxy_protocol, conn, target)
             await relay(conn, secure, target, route.policy)
             await _close_notify(secure)
         return
-    async with dialed(conn, route, fwd._balancer(route)) as raw_target:
+    async with dialed(conn, route, fwd._targets_for(route)) as raw_target:
         await _send_proxy_header(route.proxy_protocol, conn, raw_target)
         sni = hello.server_name if hello else None
-        name = tls.target_name(sni, str(raw_target.socket.getpeername()[0]))
+        try:
+            target_ip = str(raw_target.socket.getpeername()[0])
+        except OSError as exc:  # it reset since the dial (ENOTCONN)
+            raise ConnectionEnded(Reason.TARGET_RESET, str(exc)) from exc
+        name = tls.target_name(sni, target_ip)
         target = trio.SSLStream(raw_target, tls.client_context(hello.alpn if hello else ()), server_hostname=name, https_compatible=True)
         with deadline_means(route.policy.connect_timeout, Reason.CONNECT_TIMEOUT):
             await handshake(target, peer_is_client=False)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 __all__ = [
+    "CircuitBreaker",
     "Config",
     "ConfigError",
     "HealthCheck",
@@ -101,14 +102,22 @@ class TLS(_Struct):
 
 
 class HealthCheck(_Struct):
-    """Active health check of a route's targets."""
+    """Active health check of a route's targets: connect (and optionally send, then expect) every interval."""
 
     interval: Duration = "5s"
     timeout: Duration = "1s"
-    rise: PositiveInt = 2
-    fall: PositiveInt = 3
-    send: str = ""
-    expect: str = ""
+    rise: PositiveInt = 2  # passes in a row that bring a down target back
+    fall: PositiveInt = 3  # failures in a row that take a target out
+    send: str = ""  # bytes sent once connected (UTF-8; TOML escapes such as "\r\n" work)
+    expect: str = ""  # bytes the reply must contain within timeout
+
+
+class CircuitBreaker(_Struct):
+    """Passive health: connect failures and target resets in a row open a target's circuit."""
+
+    failures: PositiveInt = 5  # in a row, to open the circuit
+    backoff: Duration = "1s"  # the first open period; doubled (with jitter) each time the probe fails
+    max_backoff: Duration = "5m"
 
 
 class Route(_Struct):
@@ -134,6 +143,7 @@ class Route(_Struct):
     preserve_source_ip: bool = False
     warm: Count = 0
     health_check: HealthCheck | None = None
+    circuit_breaker: CircuitBreaker | None = None
     tls: TLS | None = None
     # Per-route overrides of [settings]; None means "as in [settings]".
     connect_timeout: Duration | None = None

@@ -138,7 +138,7 @@ async def _serve(fwd: Forwarder, conn: Connection, client: trio.SocketStream, li
         conn.route = found.name  # known before any limit is checked: refusals are logged on their route
     first = FirstBytes()
     conn.scope.deadline = conn.opened + table.policy.max_lifetime
-    first_bytes_due = conn.opened + table.policy.initial_data_timeout
+    first_bytes_due = conn.opened + table.first_bytes_timeout(listener)
     with fwd._gate.capacity():
         if table.accepts_proxy(listener):
             # Who the client is comes first: from a trusted proxy, its header says so.

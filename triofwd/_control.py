@@ -135,6 +135,9 @@ class _IdArgs(msgspec.Struct, forbid_unknown_fields=True):
 _request_decoder = msgspec.json.Decoder(Request)
 _id_decoder = msgspec.json.Decoder(_IdOnly)
 _encoder = msgspec.json.Encoder()
+# What a malformed message raises: msgspec reports bytes that are not UTF-8 inside a JSON
+# string as UnicodeDecodeError, not DecodeError (found by fuzz/fuzz_control.py).
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError)
 
 
 class ControlError(Exception):
@@ -330,7 +333,7 @@ class ControlServer:
             return Reply(None, False, error=f"request too large: {len(data)} bytes (limit {MAX_REQUEST_BYTES})")
         try:
             request = _request_decoder.decode(data)
-        except msgspec.DecodeError as exc:
+        except _UNDECODABLE as exc:
             return Reply(_salvage_id(data), False, error=f"invalid request: {exc}")
         command = self._commands.get(request.cmd)
         if command is None:
@@ -338,7 +341,7 @@ class ControlServer:
         args_type, handler = command
         try:
             args = msgspec.json.decode(request.args, type=args_type)
-        except msgspec.DecodeError as exc:
+        except _UNDECODABLE as exc:
             return Reply(request.id, False, error=f"bad arguments for {request.cmd}: {exc}")
         if request.cmd == "watch":
             return _WatchRequest(request.id)
@@ -379,6 +382,7 @@ class ControlServer:
         for conn in self.fwd.connections.values():
             active[conn.route] = active.get(conn.route, 0) + 1
         listening = self.fwd.addresses
+        health = self.fwd.target_states()
         return [
             {
                 "name": route.name,
@@ -390,6 +394,7 @@ class ControlServer:
                 "priority": route.priority,
                 "listening": listening.get(route.name, []),
                 "active": active.get(route.name, 0),
+                "target_state": health.get(route.name, []),
             }
             for route in self.fwd.table.routes
         ]
@@ -478,7 +483,7 @@ class _Session:
 def _salvage_id(data: bytes) -> int | None:
     try:
         return _id_decoder.decode(data).id
-    except msgspec.DecodeError:
+    except _UNDECODABLE:
         return None
 
 

@@ -18,11 +18,12 @@ import trio
 from ._reasons import ConnectionEnded, Reason
 
 if TYPE_CHECKING:
-    from ._balance import Balancer
     from ._connection import Connection
+    from ._health import TargetHealth
     from ._table import CompiledRoute
+    from ._targets import RouteTargets
 
-__all__ = ["connect_failure", "dialed", "format_address"]
+__all__ = ["connect_failure", "dialed", "format_address", "open_target"]
 
 log = logging.getLogger("triofwd.dial")
 
@@ -30,6 +31,9 @@ _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EN
 # No socket could be made here (out of fds or memory): the limit is ours, not the target's.
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TIMEOUT = {errno.ETIMEDOUT}
+# The target accepted and reset at once: seen by connect() (ECONNRESET in SO_ERROR) or, a
+# moment later, by getpeername() (ENOTCONN). It was reached; it said no.
+_RESET = {errno.ECONNRESET, errno.ENOTCONN}
 
 # Delay before happy eyeballs (RFC 8305) starts the next address of a hostname; trio's default.
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -45,7 +49,7 @@ def _leaf_errors(exc: BaseException) -> list[BaseException]:
 
 def connect_failure(exc: OSError) -> Reason:
     """The reason for a failed connect: dns_error, connect_refused, connect_timeout,
-    target_unreachable, or capacity when no socket could be made at all."""
+    target_reset, target_unreachable, or capacity when no socket could be made at all."""
     if isinstance(exc, socket.gaierror):
         return Reason.DNS_ERROR
     codes = {leaf.errno for leaf in _leaf_errors(exc) if isinstance(leaf, OSError)}
@@ -53,6 +57,8 @@ def connect_failure(exc: OSError) -> Reason:
         return Reason.CAPACITY
     if errno.ECONNREFUSED in codes:
         return Reason.CONNECT_REFUSED
+    if codes & _RESET:
+        return Reason.TARGET_RESET
     if codes & _TIMEOUT:
         return Reason.CONNECT_TIMEOUT
     return Reason.TARGET_UNREACHABLE
@@ -75,7 +81,8 @@ def _literal_family(host: str) -> int | None:
     return None
 
 
-async def _connect(host: str, port: int, timeout: float) -> trio.SocketStream:
+async def open_target(host: str, port: int, timeout: float) -> trio.SocketStream:
+    """A fresh connection to a target, within `timeout` (trio.TooSlowError past it)."""
     with trio.fail_after(timeout):
         family = _literal_family(host)
         if family is None:
@@ -91,34 +98,85 @@ async def _connect(host: str, port: int, timeout: float) -> trio.SocketStream:
         return trio.SocketStream(sock)
 
 
+def _reached(stream: trio.SocketStream) -> tuple[object, ...]:
+    """The address a connected stream reached (of a host's addresses, the one that answered).
+
+    A target that reset since the handshake fails here (ENOTCONN): a failed connect, and
+    its socket is closed at once rather than left to the garbage collector.
+    """
+    try:
+        return stream.socket.getpeername()
+    except OSError:
+        stream.socket.close()
+        raise
+
+
 @contextlib.asynccontextmanager
 async def dialed(
-    conn: Connection, route: CompiledRoute, balancer: Balancer, failure: Reason | None = None
+    conn: Connection, route: CompiledRoute, targets: RouteTargets, failure: Reason | None = None
 ) -> AsyncIterator[trio.SocketStream]:
     """A connected target stream, held in the balancer while the block runs, closed after.
 
-    Tries up to 1 + connect_retries targets in the balancer's order. When all fail,
-    the connection ends with the last attempt's reason, or with `failure` if given
-    (bridge_error: the hop to a TLS terminator is not a target of the client's).
+    Tries up to 1 + connect_retries of the targets that are usable now (health checks,
+    circuit breakers) in the balancer's order, a warm socket first where one is ready.
+    When none is usable the connection ends at once; when all attempts fail, with the
+    last attempt's reason — or with `failure` if given (bridge_error: the hop to a TLS
+    terminator is not a target of the client's). Each outcome is reported to the
+    target's health: connect failures and target resets count against it.
     """
     conn.state = "connecting"
     reason = Reason.TARGET_UNREACHABLE
-    for index in balancer.order(1 + route.connect_retries):
-        host, port = balancer.targets[index]
-        conn.target = format_address((host, port))
+    detail = "no target is up"
+    for index in targets.order(1 + route.connect_retries, trio.current_time()):
+        target = targets.targets[index]
         began = trio.current_time()
+        attempt = target.health.begin(began)
+        if attempt is None:
+            continue  # taken out (or its probe taken) while an earlier attempt ran
+        host, port = target.address
+        conn.target = target.name
         try:
-            stream = await _connect(host, port, route.policy.connect_timeout)
+            stream = target.take_warm(began) or await open_target(host, port, route.policy.connect_timeout)
+            peer = _reached(stream)
         except trio.TooSlowError:
             reason = Reason.CONNECT_TIMEOUT
         except OSError as exc:
             reason = connect_failure(exc)
+        except BaseException:
+            target.health.abandoned(attempt)  # cancelled: no verdict on the target
+            raise
         else:
             conn.connect_time = trio.current_time() - began
-            conn.target = format_address(stream.socket.getpeername())
+            target.health.connected(attempt)
+            conn.target = format_address(peer)
             async with stream:
-                with balancer.hold(index):
-                    yield stream
+                with targets.balancer.hold(index):
+                    try:
+                        yield stream
+                    except BaseException as exc:
+                        _report_end(target.health, exc)
+                        raise
+                    target.health.succeeded()
             return
-        log.info("connection %d: %s:%s failed (%s)", conn.id, host, port, reason)
-    raise ConnectionEnded(failure or reason)
+        detail = f"{target.name} failed ({reason})"
+        if reason is Reason.CAPACITY:
+            target.health.abandoned(attempt)  # out of fds here: not the target's fault
+        else:
+            target.health.failed(trio.current_time(), attempt)
+        log.info("connection %d: %s", conn.id, detail)
+    raise ConnectionEnded(failure or reason, detail)
+
+
+def _report_end(health: TargetHealth, exc: BaseException) -> None:
+    """A connection through the target ended with `exc`: a target reset counts against it."""
+    leaves = _leaf_exceptions(exc)
+    if any(isinstance(leaf, ConnectionEnded) and leaf.reason is Reason.TARGET_RESET for leaf in leaves):
+        health.failed(trio.current_time())
+    elif not all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
+        health.succeeded()
+
+
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaf_exceptions(sub)]
+    return [exc]

@@ -13,6 +13,13 @@ instead of treating it as the series' start.
     triofwd_bytes_total{route,direction}                 counter   in: client to target, out: target to client
     triofwd_connect_duration_seconds{route}              histogram time to connect to the target
     triofwd_accept_errors_total                          counter   accept() failures (out of fds, memory)
+    triofwd_target_up{route,target}                      gauge     1 while health checks pass
+    triofwd_target_circuit_state{route,target,state}     gauge     1 for the circuit's state: closed, half-open, open
+    triofwd_target_failures_total{route,target}          counter   connect failures and resets (passive health)
+    triofwd_target_circuit_opens_total{route,target}     counter
+    triofwd_target_checks_total{route,target,result}     counter   active checks, result passed|failed
+    triofwd_target_connections_active{route,target}      gauge
+    triofwd_target_warm_connections{route,target}        gauge     sockets kept ready (warm)
 
 Connections that ended before a route was chosen (no_route, capacity...) carry
 `route="-"`, the key the stats snapshot uses for them.
@@ -24,6 +31,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from ._health import Circuit
 from ._reasons import Reason
 
 __all__ = ["CONTENT_TYPE", "LIMIT_REASONS", "render_metrics"]
@@ -32,6 +40,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "triofwd_"
 # The terminations that mean a limit turned the connection away (CONTRACT.md reasons).
 LIMIT_REASONS = (Reason.CAPACITY.value, Reason.IP_LIMIT.value, Reason.RATE_LIMITED.value)
+CIRCUIT_STATES = tuple(c.value for c in Circuit)
 
 
 def render_metrics(stats: Mapping[str, Any], route_names: Iterable[str] = ()) -> str:
@@ -79,6 +88,22 @@ def render_metrics(stats: Mapping[str, Any], route_names: Iterable[str] = ()) ->
            (("offload_packets_total", {"route": n}, routes[n]["offload"]["packets"]) for n in offloaded))  # fmt: skip
     family("offload_bytes_total", "counter", "Bytes of offload routes, counted by the kernel (nftables).",
            (("offload_bytes_total", {"route": n}, routes[n]["offload"]["bytes"]) for n in offloaded))  # fmt: skip
+    targets = [(route, row) for route, rows in sorted(stats.get("targets", {}).items()) for row in rows]
+    label = lambda route, row: {"route": route, "target": row["target"]}  # noqa: E731
+    family("target_up", "gauge", "1 while the target passes its health checks (always 1 without health_check).",
+           (("target_up", label(r, t), int(t["up"])) for r, t in targets))  # fmt: skip
+    family("target_circuit_state", "gauge", "The target's circuit breaker: 1 for the state it is in (closed, half-open, open).",
+           (("target_circuit_state", {**label(r, t), "state": c}, int(t["circuit"] == c)) for r, t in targets for c in CIRCUIT_STATES))  # fmt: skip
+    family("target_failures_total", "counter", "Connect failures and target resets counted against the target (passive health).",
+           (("target_failures_total", label(r, t), t["failures_total"]) for r, t in targets))  # fmt: skip
+    family("target_circuit_opens_total", "counter", "Times the target's circuit opened.",
+           (("target_circuit_opens_total", label(r, t), t["circuit_opens_total"]) for r, t in targets))  # fmt: skip
+    family("target_checks_total", "counter", "Active health checks of the target, by result.",
+           (("target_checks_total", {**label(r, t), "result": k}, t[f"checks_{k}"]) for r, t in targets for k in ("passed", "failed")))  # fmt: skip
+    family("target_connections_active", "gauge", "Connections open to the target now.",
+           (("target_connections_active", label(r, t), t["active"]) for r, t in targets))  # fmt: skip
+    family("target_warm_connections", "gauge", "Connected sockets kept ready for the target (warm).",
+           (("target_warm_connections", label(r, t), t["warm"]) for r, t in targets))  # fmt: skip
     family("accept_errors_total", "counter", "accept() calls that failed for want of a resource (file descriptors, memory).",
            [("accept_errors_total", {}, stats.get("accept_errors", 0))])  # fmt: skip
     return "\n".join(out) + "\n"

@@ -50,6 +50,7 @@ class KernelRules:
         self.installed = False
         self.counters: dict[str, tuple[int, int]] = {}
         self._first = True
+        self._rules: list[_nft.OffloadRule] = []  # what is in the kernel now, when installed
 
     async def prepare(self, table: RouteTable) -> RouteTable:
         """Install the table's offload rules (one transaction), or fall back, or raise OffloadError.
@@ -69,12 +70,13 @@ class KernelRules:
             return table
         problem = await trio.to_thread.run_sync(_nft.nft_available)
         if problem is None:
+            rules = [offload_rule(r) for r in offload]
             try:
-                await trio.to_thread.run_sync(_nft.apply, ruleset_text(table))
+                await self._apply(rules)
             except _nft.NftError as exc:
                 problem = str(exc)
             else:
-                self.installed = True
+                self.installed, self._rules = True, rules
                 return table
         stuck = [r.name for r in offload if r.spec.offload_fallback != "forward"]
         if stuck:
@@ -84,6 +86,16 @@ class KernelRules:
         if self.installed:
             await self.remove()
         return with_routes(table, [dataclasses.replace(r, action="forward") if r.action == "offload" else r for r in table.routes])
+
+    async def _apply(self, rules: list[_nft.OffloadRule]) -> None:
+        if self.installed and self._rules:
+            # Ours is installed (a reload): update it in place, so its chains stay hooked.
+            try:
+                await trio.to_thread.run_sync(_nft.apply, _nft.render_ruleset(rules, previous=self._rules))
+                return
+            except _nft.NftError as exc:  # someone else changed the table: replace it whole
+                log.warning("cannot update the nftables table in place (%s): replacing it", exc)
+        await trio.to_thread.run_sync(_nft.apply, _nft.render_ruleset(rules))
 
     async def read_counters(self) -> dict[str, tuple[int, int]]:
         """Packets and bytes per offload route, from the kernel; {} when nothing is installed."""
@@ -103,7 +115,7 @@ class KernelRules:
             except _nft.NftError as exc:
                 log.error("cannot remove the nftables table: %s", exc)
             else:
-                self.installed = False
+                self.installed, self._rules = False, []
         if scope.cancelled_caught:
             log.error("removing the nftables table took more than %.0fs", REMOVE_TIMEOUT)
 

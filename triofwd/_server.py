@@ -21,7 +21,6 @@ from typing import IO, Any
 import trio
 
 from ._accesslog import AccessLog
-from ._balance import Balancer
 from ._config import Config
 from ._connection import Connection, run_connection
 from ._dial import format_address
@@ -30,6 +29,7 @@ from ._limits import Gate
 from ._offload import KernelRules, kernel_rules
 from ._reasons import Reason
 from ._table import CompiledRoute, ListenKey, RouteTable, compile_table
+from ._targets import RouteTargets
 from ._stats import Stats
 
 __all__ = ["Forwarder", "ListenError", "serve"]
@@ -82,7 +82,7 @@ class Forwarder:
         self._ids = itertools.count(1)
         self._gate = Gate(table.limits)
         self._route_gates: dict[str, Gate] = {}
-        self._balancers: dict[str, Balancer] = {}
+        self._targets: dict[str, RouteTargets] = {}
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._watchers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
@@ -120,8 +120,9 @@ class Forwarder:
         await self._stopped.wait()
 
     def stats(self) -> dict[str, Any]:
-        """Totals, per route and reason; offload routes carry the kernel counters last read."""
-        return self.stats_counters.snapshot(self._connections.values(), self._kernel.counters)
+        """Totals, per route and reason; offload routes carry the kernel counters last read;
+        `targets` has each target's health (routes that dial targets)."""
+        return {**self.stats_counters.snapshot(self._connections.values(), self._kernel.counters), "targets": self.target_states()}
 
     async def read_offload_counters(self) -> dict[str, tuple[int, int]]:
         """Read the offload routes' packet and byte counters from the kernel (then in stats())."""
@@ -201,13 +202,10 @@ class Forwarder:
         for name in before.keys() - after.keys():
             # Open connections of a removed route keep their own holds; the table forgets it.
             self._route_gates.pop(name, None)
-            self._balancers.pop(name, None)
         for name, route in after.items():
-            prior = before.get(name)
             if name in self._route_gates:
                 self._route_gates[name].update(route.limits)
-            if prior is None or prior.targets != route.targets or prior.balance != route.balance:
-                self._balancers.pop(name, None)
+        self._keep_targets(table)
         self._listen(opened)
         for key in [k for k in self._listeners if k not in table.by_listener]:
             for listener in self._listeners.pop(key):
@@ -232,11 +230,46 @@ class Forwarder:
             gate = self._route_gates[route.name] = Gate(route.limits)
         return gate
 
-    def _balancer(self, route: CompiledRoute) -> Balancer:
-        balancer = self._balancers.get(route.name)
-        if balancer is None:
-            balancer = self._balancers[route.name] = Balancer(route.targets, route.balance)
-        return balancer
+    def _targets_for(self, route: CompiledRoute) -> RouteTargets:
+        found = self._targets.get(route.name)
+        if found is not None and found.route.targets == route.targets:
+            return found
+        # The route was removed or its targets changed since this connection arrived: it
+        # dials the targets it was routed to, plainly (no health state is kept for them).
+        return RouteTargets(route)
+
+    def _keep_targets(self, table: RouteTable) -> None:
+        """One RouteTargets per route that dials targets. A route whose spec did not change
+        keeps its own; a changed one gets a new one that carries over the state (health,
+        circuit, warm sockets) of every target it still has."""
+        before, self._targets = self._targets, {}
+        for route in table.routes:
+            if route.action not in ("forward", "bridge") or not route.targets:
+                continue
+            prior = before.pop(route.name, None)
+            if prior is not None and prior.route.spec == route.spec:
+                prior.route = route
+                self._targets[route.name] = prior
+                continue
+            targets = self._targets[route.name] = RouteTargets(route, prior)
+            for target in targets.dropped:
+                target.close_warm()
+            if prior is not None:
+                prior.scope.cancel()
+            if targets.watched:
+                self._listening.start_soon(targets.run)
+        for gone in before.values():
+            gone.close()
+
+    def _close_targets(self) -> None:
+        for targets in self._targets.values():
+            targets.close()
+        self._targets.clear()
+
+    def target_states(self) -> dict[str, list[dict[str, Any]]]:
+        """Route name -> each target's health, circuit, active and warm counts."""
+        now = trio.current_time()
+        return {name: targets.describe(now) for name, targets in self._targets.items()}
 
     @contextlib.contextmanager
     def _tracked(self, conn: Connection) -> Iterator[None]:
@@ -378,13 +411,17 @@ async def serve(
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as listening:
                 fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel)
-                fwd._listen(opened)
-                listening.start_soon(fwd._keep_offload_counters_fresh)
-                log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
-                task_status.started(fwd)
-                await fwd._stop.wait()
-                log.info("shutting down: %d connections open", len(fwd._connections))
-                listening.cancel_scope.cancel()
+                try:
+                    fwd._keep_targets(table)
+                    fwd._listen(opened)
+                    listening.start_soon(fwd._keep_offload_counters_fresh)
+                    log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
+                    task_status.started(fwd)
+                    await fwd._stop.wait()
+                    log.info("shutting down: %d connections open", len(fwd._connections))
+                    listening.cancel_scope.cancel()
+                finally:
+                    fwd._close_targets()  # health checks stop, warm sockets close: none outlives serve
             grace = fwd._grace if fwd._grace is not None else fwd._table.shutdown_grace
             connections.cancel_scope.deadline = trio.current_time() + grace
     log.info("stopped")

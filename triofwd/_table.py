@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._config import ROUTE_OVERRIDES, Config, ConfigError, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
+from ._health import CheckPolicy, CircuitPolicy
 from ._nft import NftError, OffloadRule, render_ruleset, validate_rule
 from ._reasons import Reason
 from ._tls import RouteTLS
@@ -38,10 +39,6 @@ ListenKey = tuple[str, int, str]
 # Route names appear in logs, metric labels and (offload) nftables rules: keep them plain.
 ROUTE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")  # use fullmatch: "$" lets a final "\n" through
 DOMAIN_PATTERN_RE = re.compile(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
-
-# Keys that belong to later features: accepted by the parser so that a route file can
-# be written today, but refused here with a clear message rather than silently ignored.
-_NOT_YET = "is not supported yet"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,6 +108,9 @@ class CompiledRoute:
     accept_proxy_protocol: bool
     tls: RouteTLS | None
     bridge_to: tuple[str, int] | None  # action = "bridge" to an external terminator; None: built-in
+    health: CheckPolicy | None  # active health checks of the targets
+    circuit: CircuitPolicy | None  # passive health: the targets' circuit breaker
+    warm: int  # connected sockets kept ready per target
     spec: Route  # as written, for the inspector and for reload diffs
 
     def listen_keys(self) -> list[ListenKey]:
@@ -138,11 +138,13 @@ class RouteTable:
     # table is built, so the accept path looks it up instead of scanning the routes each time.
     _accepts_proxy: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
     _reads_hello: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
+    _first_bytes_timeout: dict[ListenKey, float] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         items = self.by_listener.items()
         object.__setattr__(self, "_accepts_proxy", frozenset(k for k, rs in items if any(r.accept_proxy_protocol for r in rs)))
         object.__setattr__(self, "_reads_hello", frozenset(k for k, rs in items if any(r.domains or r.action == "bridge" for r in rs)))
+        object.__setattr__(self, "_first_bytes_timeout", {k: max(r.policy.initial_data_timeout for r in rs) for k, rs in items})
 
     def accepts_proxy(self, key: ListenKey) -> bool:
         """Connections on this listener may start with a PROXY header (from trusted_proxies).
@@ -158,6 +160,15 @@ class RouteTable:
 
     def reads_first_bytes(self, key: ListenKey) -> bool:
         return key in self._accepts_proxy or key in self._reads_hello
+
+    def first_bytes_timeout(self, key: ListenKey) -> float:
+        """How long this listener waits for the first bytes that pick a route.
+
+        The bytes decide the route, so no route's own initial_data_timeout applies yet:
+        the listener waits as long as the most patient of its routes (each one's own
+        value, else [settings]), so no route's clients are cut off sooner than it allows.
+        """
+        return self._first_bytes_timeout.get(key, self.policy.initial_data_timeout)
 
     def is_trusted_proxy(self, ip: str) -> bool:
         return bool(self.trusted_proxies) and _in_any(client_address(ip), self.trusted_proxies)
@@ -334,12 +345,37 @@ def _compile_tls(errors: _Errors, path: str, route: Route) -> tuple[RouteTLS | N
         return None, bridge_to
 
 
-def _check_not_yet(errors: _Errors, path: str, route: Route) -> None:
-    """Keys whose features are not built yet: refuse them by name, never ignore them."""
-    if route.warm:
-        errors.add(f"{path}.warm", f"warm {_NOT_YET}")
-    if route.health_check is not None:
-        errors.add(f"{path}.health_check", f"health_check {_NOT_YET}")
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds == math.inf:
+        raise ValueError(f"invalid duration {text!r}: this one cannot be off, give a positive duration such as \"1s\"")
+    return seconds
+
+
+def _compile_target_health(errors: _Errors, path: str, route: Route) -> tuple[CheckPolicy | None, CircuitPolicy | None]:
+    """health_check, circuit_breaker and warm: for routes that dial targets in user space."""
+    dials = route.action in ("forward", "bridge")
+    for key in ("health_check", "circuit_breaker", "warm"):
+        if getattr(route, key) and not dials:
+            why = "the kernel forwards it" if route.action == "offload" else "it has no targets"
+            errors.add(f"{path}.{key}", f'{key} is only used with action = "forward" or "bridge" ({route.action}: {why})')
+    check = circuit = None
+    spec = route.health_check
+    if spec is not None and dials:
+        interval = errors.parse(f"{path}.health_check.interval", _positive_duration, spec.interval, 1.0)
+        timeout = errors.parse(f"{path}.health_check.timeout", _positive_duration, spec.timeout, 1.0)
+        check = CheckPolicy(interval, timeout, spec.rise, spec.fall, spec.send.encode(), spec.expect.encode())
+    breaker = route.circuit_breaker
+    if breaker is not None and dials:
+        backoff = errors.parse(f"{path}.circuit_breaker.backoff", _positive_duration, breaker.backoff, 1.0)
+        longest = errors.parse(f"{path}.circuit_breaker.max_backoff", _positive_duration, breaker.max_backoff, 1.0)
+        if longest < backoff:
+            errors.add(f"{path}.circuit_breaker.max_backoff", f"max_backoff {breaker.max_backoff!r} is shorter than backoff {breaker.backoff!r}")
+        circuit = CircuitPolicy(breaker.failures, backoff, longest)
+    return check, circuit
+
+
+def _check_offload_keys(errors: _Errors, path: str, route: Route) -> None:
     if route.action != "offload":
         for key in ("offload_fallback", "preserve_source_ip"):
             if getattr(route, key):
@@ -394,7 +430,8 @@ def compile_table(config: Config) -> RouteTable:
             handler = errors.parse(f"{path}.handler", _resolve_handler, route.handler)
         elif route.handler:
             errors.add(f"{path}.handler", 'handler is only used with action = "handler"')
-        _check_not_yet(errors, path, route)
+        _check_offload_keys(errors, path, route)
+        health, circuit = _compile_target_health(errors, path, route)
         tls, bridge_to = _compile_tls(errors, path, route)
         if bridge_to is not None:
             if route.targets:  # the external terminator has its own targets; ours would be ignored
@@ -424,6 +461,9 @@ def compile_table(config: Config) -> RouteTable:
                 accept_proxy_protocol=route.accept_proxy_protocol,
                 tls=tls,
                 bridge_to=bridge_to,
+                health=health,
+                circuit=circuit,
+                warm=route.warm if route.action in ("forward", "bridge") else 0,
                 spec=route,
             )
         )

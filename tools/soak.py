@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Soak test: the real daemon under mixed traffic and faults, checked every minute.
+
+    python tools/soak.py [--minutes 30] [--workers 24]      (make soak)
+
+Every minute: a minute of traffic from `--workers` clients, each picking at random a
+well-behaved echo exchange or a fault (client reset, half-open client, slowloris,
+garbage ClientHello, connections that vanish, a target that resets / refuses / never
+answers, an unresolvable target, a handler that raises, a kill over the control socket),
+with SIGHUP reloads every two seconds. Then the checks of tests/reliability/harness.py:
+empty table, fds back to the baseline, RSS within the bound, one access-log line per
+connection with its expected reason, stats totals equal to the connections made. One
+line per minute; exit status 1 at the first failed check.
+
+All traffic is on 127.0.0.1; DNS faults are injected in the daemon (names under .invalid).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# tools/ holds inspect.py, which would shadow the standard library's `inspect` for any
+# script run from here: take tools/ off sys.path, and put the repository root first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import pathlib  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import textwrap  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+
+import trio  # noqa: E402
+
+import triofwd  # noqa: E402
+from tests.conftest import Daemon, backend, echo, receive_all, receive_exactly, refused_address, rst_close  # noqa: E402
+from tests.reliability.harness import (  # noqa: E402
+    MIB,
+    Scenario,
+    black_hole_target,
+    daemon_env,
+    half_open_target,
+    raise_own_fd_limit,
+    resetting_target,
+    route_file,
+    rss_bytes,
+    trickle,
+    write_atomically,
+)
+from triofwd._clienthello import build_client_hello  # noqa: E402
+
+# RSS may grow this much over the baseline in the whole soak: the first minutes' high-water
+# mark (the allocator keeps freed memory for reuse); a leak grows past it as minutes pass.
+RSS_BOUND_MIB = 48
+RELOAD_EVERY = 2.0
+HANDLER = '''
+async def raises(stream, info):
+    await stream.receive_some()
+    raise RuntimeError("soak: a handler bug")
+'''
+
+Fault = Callable[[Scenario, random.Random], Awaitable[None]]
+
+
+async def exchange(s: Scenario, route: str, expect: str, payload: bytes = b"hello") -> None:
+    """Send, then read until the daemon closes: for every route where the daemon ends it."""
+    async with await s.open(route, expect=expect) as client:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await client.send_all(payload)
+            await receive_all(client)
+
+
+async def echoed(s: Scenario, rng: random.Random) -> None:
+    payload = rng.randbytes(rng.choice([1, 100, 4096, 65536, 256 * 1024]))
+    async with await s.open("echo", expect="normal") as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, payload)
+            assert await receive_exactly(client, len(payload)) == payload
+        await client.send_eof()
+        assert await receive_all(client) == b""
+
+
+async def client_reset(s: Scenario, rng: random.Random) -> None:
+    client = await s.open("echo", expect="client_reset")
+    await client.send_all(rng.randbytes(8192))
+    await receive_exactly(client, 1)
+    rst_close(client)
+
+
+async def vanished(s: Scenario, rng: random.Random) -> None:
+    """Open and vanish at once, a burst at a time."""
+    clients = []
+    for _ in range(20):
+        client = await s.open("echo", expect="normal")
+        await client.send_all(b"!")
+        clients.append(client)
+    for client in clients:
+        assert await receive_exactly(client, 1) == b"!"
+        client.socket.close()
+
+
+async def half_open(s: Scenario, rng: random.Random) -> None:
+    async with await s.open("half", expect="half_close_timeout") as client:
+        await client.send_all(b"q" * 10)
+        await client.send_eof()
+        assert await receive_all(client) == b"got 10"
+
+
+async def slowloris(s: Scenario, rng: random.Random) -> None:
+    async with await s.open("tls", expect="initial_data_timeout") as client:
+        await trickle(client, build_client_hello("www.example.com"), interval=0.3)
+
+
+async def garbage_hello(s: Scenario, rng: random.Random) -> None:
+    await exchange(s, "tls", "no_route", rng.randbytes(rng.randint(1, 600)))
+
+
+async def killed(s: Scenario, rng: random.Random) -> None:
+    async with await s.open("echo", expect="killed") as client:
+        await client.send_all(b"x")
+        await receive_exactly(client, 1)
+        host, port = client.socket.getsockname()[:2]
+        [row] = await s.request("connections", route="echo", client=f"{host}:{port}")  # the port may be in use toward another listener too
+        await s.request("kill", id=row["id"])
+        assert await receive_all(client) == b""
+
+
+FAULTS: dict[str, Fault] = {
+    "client_reset": client_reset,
+    "vanished": vanished,
+    "half_open": half_open,
+    "slowloris": slowloris,
+    "garbage_hello": garbage_hello,
+    "killed": killed,
+    "target_reset": lambda s, rng: exchange(s, "resetting", "target_reset"),
+    "refused": lambda s, rng: exchange(s, "refused", "connect_refused"),
+    "silent_target": lambda s, rng: exchange(s, "silent", "inactivity_timeout"),
+    "dns_error": lambda s, rng: exchange(s, "dns", "dns_error"),
+    "handler_raises": lambda s, rng: exchange(s, "handler", "internal_error"),
+}
+
+
+def route_files(targets: dict[str, str]) -> list[str]:
+    """The soak's route file, and the same with one more route: SIGHUP flips between them."""
+    routes = [
+        {"name": "echo", "targets": [targets["echo"]]},
+        {"name": "half", "targets": [targets["half"]], "half_close_timeout": "500ms"},
+        {"name": "tls", "domains": ["www.example.com"], "targets": [targets["echo"]], "initial_data_timeout": "1s"},
+        {"name": "resetting", "targets": [targets["resetting"]]},
+        {"name": "refused", "targets": [targets["refused"]]},
+        {"name": "silent", "targets": [targets["silent"]], "inactivity_timeout": "1s"},
+        {"name": "dns", "targets": ["nonexistent.invalid:80"]},
+        {"name": "handler", "action": "handler", "handler": "soak_handlers:raises"},
+    ]
+    settings = {"shutdown_grace": "1s"}
+    return [route_file(settings, *routes), route_file(settings, *routes, {"name": "extra", "action": "reject"})]
+
+
+async def minute_of_traffic(s: Scenario, seconds: float, workers: int, rng: random.Random, files: list[str]) -> dict[str, int]:
+    made: dict[str, int] = {}
+    deadline = trio.current_time() + seconds
+
+    async def worker(seed: int) -> None:
+        own = random.Random(seed)
+        while trio.current_time() < deadline:
+            name = own.choice(list(FAULTS)) if own.random() < 0.4 else "echo"
+            await (FAULTS.get(name) or echoed)(s, own)
+            made[name] = made.get(name, 0) + 1
+
+    async def reloads() -> None:
+        flip = 0
+        while trio.current_time() < deadline:
+            await trio.sleep(RELOAD_EVERY)
+            flip ^= 1
+            write_atomically(s.daemon.routefile, files[flip])
+            s.daemon.signal(signal.SIGHUP)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reloads)
+        for _ in range(workers):
+            nursery.start_soon(worker, rng.randrange(2**32))
+    write_atomically(s.daemon.routefile, files[0])
+    await s.request("reload")  # the baseline's table and listeners again
+    return made
+
+
+async def soak(minutes: int, workers: int, seed: int) -> int:
+    raise_own_fd_limit()
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="triofwd-soak-") as folder, refused_address() as refused:
+        work = pathlib.Path(folder)
+        (work / "soak_handlers.py").write_text(textwrap.dedent(HANDLER))
+        async with backend(echo) as echo_at, backend(half_open_target) as half_at, backend(resetting_target(after=0)) as reset_at, backend(black_hole_target) as silent_at:
+            files = route_files({"echo": echo_at, "half": half_at, "resetting": reset_at, "refused": refused, "silent": silent_at})
+            routefile = work / "routes.toml"
+            routefile.write_text(files[0])
+            sock = str(work / "control.sock")
+            daemon = Daemon(routefile, "--control", sock, env=daemon_env(work))
+            try:
+                daemon.wait_ready()
+                async with triofwd.open_control(sock) as control:
+                    s = Scenario(daemon, control, RSS_BOUND_MIB, errors_allowed=True)
+                    await s.baseline()
+                    print(f"soak: {minutes} minutes, {workers} workers, seed {seed}; daemon pid {daemon.pid}, "
+                          f"baseline {sum(s.base_fds.values())} fds (pipes apart), rss {s.base_rss / MIB:.1f} MiB", flush=True)  # fmt: skip
+                    for minute in range(1, minutes + 1):
+                        began = time.monotonic()
+                        made = await minute_of_traffic(s, 55.0, workers, rng, files)
+                        try:
+                            summary = await s.check()
+                            errors = [e for e in daemon.logs() if e.get("level") == "error"]
+                            assert len(errors) == summary.reasons.get("internal_error", 0), "an error logged that no handler raised"
+                        except AssertionError as exc:
+                            print(f"minute {minute}/{minutes}: FAIL: {exc}", flush=True)
+                            return 1
+                        faults = sum(n for k, n in made.items() if k != "echo")
+                        print(f"minute {minute}/{minutes}: {sum(made.values())} exchanges ({faults} faults), "
+                              f"{summary.connections} connections so far, fds {sum(s.fds().values())}/{sum(s.base_fds.values())}, "
+                              f"rss {rss_bytes(daemon.pid) / MIB:.1f} MiB (+{summary.rss_growth_mib:.1f}), table empty, "
+                              f"stats total {summary.connections}, {time.monotonic() - began:.0f}s: ok", flush=True)  # fmt: skip
+                    daemon.signal(signal.SIGTERM)
+                    status = await trio.to_thread.run_sync(daemon.wait, 15)
+                    print(f"soak: passed; daemon exited {status}", flush=True)
+                    return 0 if status == 0 else 1
+            finally:
+                daemon.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=2026)
+    args = parser.parse_args()
+    return trio.run(soak, args.minutes, args.workers, args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

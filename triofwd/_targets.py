@@ -1,0 +1,211 @@
+"""A route's targets while it serves: balancing, health, warm connections.
+
+The forwarder keeps one RouteTargets per route that dials targets (forward, bridge).
+The dial asks it for an order of usable targets and reports every outcome back;
+its background task (only when the route asks for health checks or warm sockets)
+runs one checker and one warm-pool filler per target, inside a scope the forwarder
+cancels at reload or shutdown. A target whose address survives a reload keeps its
+Target object, so its health, circuit and warm sockets go on as they were.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import select
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._balance import Balancer
+from ._dial import connect_failure, format_address, open_target
+from ._health import Circuit, CheckPolicy, TargetHealth
+from ._reasons import Reason
+
+if TYPE_CHECKING:
+    from ._table import CompiledRoute
+
+__all__ = ["RouteTargets", "Target", "probe"]
+
+log = logging.getLogger("triofwd.targets")
+
+# A warm socket older than this is replaced, not handed out: targets close idle
+# connections of their own accord (HTTP servers after a minute or so).
+WARM_MAX_AGE = 30.0
+# How often a full warm pool is looked over for sockets the target closed; also the wait
+# after a warm connect fails, or while the target may not be used.
+WARM_RETRY = 1.0
+# How much of a health check's reply is searched for `expect`.
+EXPECT_WINDOW = 65536
+
+_HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def alive(sock: trio.socket.SocketType) -> bool:
+    """A connected socket the peer has not closed or reset (bytes waiting are fine:
+    a server that speaks first has simply spoken)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    return not any(events & _HUNG_UP for _, events in poller.poll(0))
+
+
+class Target:
+    """One target of a route: its address, health and warm sockets."""
+
+    __slots__ = ("address", "health", "taken", "warm")
+
+    def __init__(self, address: tuple[str, int], route: CompiledRoute) -> None:
+        self.address = address
+        self.health = TargetHealth(route.circuit)
+        self.warm: collections.deque[tuple[float, trio.SocketStream]] = collections.deque()
+        self.taken = trio.Event()  # set (and replaced) whenever a warm socket leaves the pool
+
+    @property
+    def name(self) -> str:
+        return format_address(self.address)
+
+    def take_warm(self, now: float) -> trio.SocketStream | None:
+        """A warm socket that passed its liveness check now, or None."""
+        if not self.warm:
+            return None
+        self.drop_stale(now)
+        stream = self.warm.popleft()[1] if self.warm else None
+        self.taken.set()  # the filler tops the pool up
+        self.taken = trio.Event()
+        return stream
+
+    def drop_stale(self, now: float) -> None:
+        """Close warm sockets that aged out or that the target closed."""
+        keep: collections.deque[tuple[float, trio.SocketStream]] = collections.deque()
+        for born, stream in self.warm:
+            if now - born < WARM_MAX_AGE and alive(stream.socket):
+                keep.append((born, stream))
+            else:
+                stream.socket.close()
+        self.warm = keep
+
+    def close_warm(self) -> None:
+        while self.warm:
+            self.warm.popleft()[1].socket.close()
+
+
+class RouteTargets:
+    """The targets of one route, in the route's order, with the balancer over them."""
+
+    def __init__(self, route: CompiledRoute, previous: RouteTargets | None = None) -> None:
+        self.route = route
+        carried = {t.address: t for t in previous.targets} if previous is not None else {}
+        self.targets = [carried.pop(address, None) or Target(address, route) for address in route.targets]
+        for target in self.targets:
+            target.health.circuit_policy = route.circuit
+        same = previous is not None and previous.route.targets == route.targets and previous.route.balance == route.balance
+        # An unchanged balancer keeps its turn and the holds of connections still open.
+        self.balancer = previous.balancer if same and previous is not None else Balancer(route.targets, route.balance)
+        self.dropped = list(carried.values())  # targets the new list no longer has
+        self.scope = trio.CancelScope()
+
+    @property
+    def watched(self) -> bool:
+        """Anything for the background task to do: health checks or warm sockets."""
+        return self.route.health is not None or self.route.warm > 0
+
+    def order(self, attempts: int, now: float) -> list[int]:
+        """Indexes of targets to try; only the usable ones (empty: every target is down)."""
+        usable = [i for i, target in enumerate(self.targets) if target.health.usable(now)]
+        return self.balancer.order(attempts, None if len(usable) == len(self.targets) else usable)
+
+    def close(self) -> None:
+        """Stop the background work and close every warm socket."""
+        self.scope.cancel()
+        for target in self.targets:
+            target.close_warm()
+
+    async def run(self) -> None:
+        """Health checks and warm pools, until `scope` is cancelled (reload, shutdown)."""
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                for target in self.targets:
+                    if self.route.health is not None:
+                        nursery.start_soon(self._check, target, self.route.health)
+                    if self.route.warm:
+                        nursery.start_soon(self._keep_warm, target)
+
+    async def _check(self, target: Target, policy: CheckPolicy) -> None:
+        while True:
+            began = trio.current_time()
+            why = await probe(target.address, policy)
+            if why is None:
+                if target.health.check_passed(policy):
+                    log.warning("route %s: target %s is up again (%d checks passed)", self.route.name, target.name, policy.rise)
+            elif target.health.check_failed(policy, why):
+                log.warning("route %s: target %s is down (%d checks failed, last: %s)", self.route.name, target.name, policy.fall, why)
+                target.close_warm()
+            await trio.sleep_until(began + policy.interval)
+
+    async def _keep_warm(self, target: Target) -> None:
+        """Keep up to `warm` connected sockets ready while the target may be used."""
+        host, port = target.address
+        while True:
+            now = trio.current_time()
+            target.drop_stale(now)
+            health = target.health
+            if not (health.usable(now) and health.circuit is Circuit.CLOSED):
+                target.close_warm()
+                await trio.sleep(WARM_RETRY)
+                continue
+            if len(target.warm) < self.route.warm:
+                try:
+                    stream = await open_target(host, port, self.route.policy.connect_timeout)
+                except trio.TooSlowError:
+                    health.failed(trio.current_time())
+                    await trio.sleep(WARM_RETRY)
+                except OSError as exc:
+                    if connect_failure(exc) is not Reason.CAPACITY:  # out of fds here: not the target's fault
+                        health.failed(trio.current_time())
+                    await trio.sleep(WARM_RETRY)
+                else:
+                    target.warm.append((trio.current_time(), stream))
+                continue
+            # Full: wake when one is taken, the oldest ages out, or to look for ones the target closed.
+            taken = target.taken
+            with trio.move_on_at(min(target.warm[0][0] + WARM_MAX_AGE, now + WARM_RETRY)):
+                await taken.wait()
+
+    def describe(self, now: float) -> list[dict[str, Any]]:
+        """Each target's state, as `routes`, `stats` and metrics show it."""
+        active = self.balancer.active
+        return [
+            {"target": target.name, "active": active[i], "warm": len(target.warm), **target.health.describe(now)}
+            for i, target in enumerate(self.targets)
+        ]
+
+
+async def probe(address: tuple[str, int], policy: CheckPolicy) -> str | None:
+    """One health check: None if the target passed, else why it did not (a few words).
+
+    Connect within `timeout`; then, if the policy says so, send its bytes and read until
+    the expected bytes arrive — all within the same `timeout`.
+    """
+    host, port = address
+    stage = "connect"
+    try:
+        with trio.fail_after(policy.timeout):
+            async with await open_target(host, port, policy.timeout) as stream:
+                if policy.send:
+                    stage = "send"
+                    await stream.send_all(policy.send)
+                if policy.expect:
+                    stage = "reply"
+                    seen = b""
+                    while policy.expect not in seen:
+                        data = await stream.receive_some(EXPECT_WINDOW)
+                        if not data:
+                            return "closed before the expected reply"
+                        seen = (seen + data)[-EXPECT_WINDOW:]
+    except trio.TooSlowError:
+        return "connect_timeout" if stage == "connect" else f"no {stage} within {policy.timeout:g}s"
+    except trio.BrokenResourceError:
+        return "target_reset"
+    except OSError as exc:
+        return connect_failure(exc).value if stage == "connect" else "target_reset"
+    return None
