@@ -9,6 +9,7 @@ as the backend's EOF.
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 import pathlib
@@ -78,3 +79,13 @@ async def test_reference_forwarder_round_trip(script: str) -> None:
                 process.kill()  # by pid: only the process this test started
                 await process.wait()
             nursery.cancel_scope.cancel()
+
+
+def test_hold_serves_every_connection_while_all_are_open() -> None:
+    """tools/hold.py (10,000 connections on the real machine) works, on a few hundred here."""
+    hold = FORWARDERS.parent / "hold.py"
+    done = subprocess.run([sys.executable, str(hold), "--connections", "300"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["connections"] == 300
+    assert result["serve_s"] > 0 and result["pss_kib_per_connection"] > 0

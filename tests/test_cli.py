@@ -167,6 +167,9 @@ def test_emfile_backs_off_with_one_warning_per_burst_and_recovers(daemon) -> Non
     """With few fds, accept() fails with EMFILE; the daemon must neither spin nor flood the log."""
     with echo_server() as port:
         d = daemon(routes(port), preexec_fn=_limit_fds(64))
+        # The hard limit cannot be raised: the daemon says how many connections it can hold.
+        [limit] = [e["msg"] for e in d.logs() if "open file limit" in e["msg"]]
+        assert "(64) holds about 0 connections, fewer than max_connections = 10000" in limit
         spare = 64 - open_fds(d.pid)
         address = d.address("echo")
         # Each connection takes two fds in the daemon; leave room for the splice pipe pool.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -212,6 +213,39 @@ async def test_ipv6_target() -> None:
             [conn] = fwd.connections.values()
             assert conn.target == f"[::1]:{port}"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_hostname_target_is_dialled_by_name() -> None:
+    """Addresses get one direct connect; a name still goes through resolution (happy eyeballs)."""
+    async with backend(echo) as target, forwarder(config(route(targets=[target.replace("127.0.0.1", "localhost")]))) as fwd:
+        client = await connect(fwd)
+        await client.send_all(b"name")
+        assert await receive_exactly(client, 4) == b"name"
+        [conn] = fwd.connections.values()
+        assert conn.target in (target, target.replace("127.0.0.1", "[::1]"))
+
+
+async def test_a_burst_in_the_backlog_is_accepted_and_served() -> None:
+    """More connections than one accept wakeup takes (ACCEPT_BATCH) wait in the backlog: all are served."""
+    async with backend(echo) as target, forwarder(config(route(targets=[target]))) as fwd:
+        host, port = fwd.addresses["r"][0].rsplit(":", 1)
+        clients = []
+        for _ in range(80):  # connected by the kernel before the forwarder's accept loop runs again
+            sock = socket.socket()
+            sock.setblocking(False)
+            assert sock.connect_ex((host, int(port))) in (0, errno.EINPROGRESS)
+            clients.append(trio.socket.from_stdlib_socket(sock))
+        with trio.fail_after(10):
+            for i, sock in enumerate(clients):
+                await trio.lowlevel.wait_writable(sock)
+                await sock.send(b"%03d" % i)
+            for i, sock in enumerate(clients):
+                got = b""
+                while len(got) < 3:
+                    got += await sock.recv(3 - len(got))
+                assert got == b"%03d" % i
+        for sock in clients:
+            sock.close()
 
 
 async def test_reject_closes_at_once() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import trio
@@ -50,6 +51,26 @@ async def test_plain_forward_routes_take_the_splice_path() -> None:
         assert conn.path == "splice"
 
 
+async def test_bulk_is_spliced_and_small_messages_are_not() -> None:
+    """splice-auto: a request of a few bytes is copied through the shared buffer, bulk goes through pipes."""
+    async with backend(echo) as target, forwarder(config(route(targets=[target]))) as fwd:
+        client = await connect(fwd)
+        before = POOL.borrowed
+        for _ in range(20):
+            await client.send_all(b"ping")
+            assert await client.receive_some() == b"ping"
+        assert POOL.borrowed == before
+        payload = os.urandom(2 * 1024 * 1024)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, payload)
+            got = bytearray()
+            with trio.fail_after(20):
+                while len(got) < len(payload):
+                    got += await client.receive_some()
+        assert got == payload
+        assert POOL.borrowed > before
+
+
 async def test_a_handler_route_copies() -> None:
     async def hello(stream, info) -> None:  # noqa: ANN001
         await stream.send_all(b"hi")
@@ -67,6 +88,14 @@ async def test_bytes_are_counted_the_same_on_both_paths(monkeypatch: pytest.Monk
     assert (path, copy_path) in {("splice", "copy"), ("", "")}  # "" if the connection closed before it was read
     assert (spliced["bytes_in"], spliced["bytes_out"]) == (copied["bytes_in"], copied["bytes_out"]) == (len(payload), len(payload))
     assert spliced["reason"] == copied["reason"] == "normal"
+
+
+async def test_out_of_pipes_the_raw_path_copies_and_counts_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pipe can be had (EMFILE): bulk chunks are copied through the shared buffer instead."""
+    monkeypatch.setattr(POOL, "take", lambda: None)
+    record, path = await one_exchange(os.urandom(3 * 1024 * 1024 + 17))
+    assert path in ("splice", "")
+    assert (record["bytes_in"], record["bytes_out"], record["reason"]) == (3 * 1024 * 1024 + 17, 3 * 1024 * 1024 + 17, "normal")
 
 
 async def test_idle_connections_hold_no_pipe() -> None:
@@ -91,3 +120,33 @@ def _fd_targets() -> list[str]:
         except FileNotFoundError:  # the directory listing's own fd
             pass
     return out
+
+
+def test_two_trio_runs_in_two_threads_do_not_share_a_copy_buffer() -> None:
+    """recv_into releases the GIL: forwarders in two threads' trio runs each copy through their own buffer."""
+    failures: list[BaseException] = []
+
+    async def ping_pong(seed: int) -> None:
+        messages = [bytes([seed]) * (1000 + 7 * i) for i in range(300)]  # small: the copying path
+        async with backend(echo) as target, forwarder(config(route(targets=[target]))) as fwd:
+            client = await connect(fwd)
+            with trio.fail_after(20):
+                for message in messages:
+                    await client.send_all(message)
+                    got = b""
+                    while len(got) < len(message):
+                        got += await client.receive_some()
+                    assert got == message
+
+    def run(seed: int) -> None:
+        try:
+            trio.run(ping_pong, seed)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not failures

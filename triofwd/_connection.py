@@ -36,7 +36,7 @@ __all__ = ["Connection", "run_connection"]
 
 log = logging.getLogger("triofwd.connection")
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Connection:
     """One live connection, as the table, the inspector and the access log see it."""
 

@@ -70,10 +70,32 @@ def format_address(address: tuple[object, ...]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _literal_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 when `host` is an IP address, not a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
 async def open_target(host: str, port: int, timeout: float) -> trio.SocketStream:
     """A fresh connection to a target, within `timeout` (trio.TooSlowError past it)."""
     with trio.fail_after(timeout):
-        return await trio.open_tcp_stream(host, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
+        family = _literal_family(host)
+        if family is None:
+            return await trio.open_tcp_stream(host, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
+        # An address has nothing to race: one non-blocking connect, without open_tcp_stream's
+        # nursery and task per attempt (a sixth of the forwarder's time per new connection).
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
 
 
 def _reached(stream: trio.SocketStream) -> tuple[object, ...]:

@@ -69,14 +69,17 @@ class Gate:
         self.limits = limits
 
     def admitted(self, ip: str, now: float) -> Held:
-        """Hold a place for one connection from `ip` while the block runs: both holds below."""
-        capacity = self.capacity()
+        """Hold a place for one connection from `ip` while the block runs: both holds below.
+
+        One Held for both (not the two nested, nor a closure): it lives as long as the connection.
+        """
+        self.capacity()
         try:
-            client = self.client(ip, now)
+            self.client(ip, now)
         except BaseException:
-            capacity.__exit__(None, None, None)
+            self._release_capacity()
             raise
-        return Held(lambda: (client.__exit__(None, None, None), capacity.__exit__(None, None, None)))
+        return Held(self._release_both, ip)
 
     def capacity(self) -> Held:
         """Hold one of `max_connections` places, or raise ConnectionEnded(capacity).
@@ -105,6 +108,10 @@ class Gate:
 
     def _release_capacity(self) -> None:
         self.active -= 1
+
+    def _release_both(self, ip: str) -> None:
+        self._release_client(ip)
+        self._release_capacity()
 
     def _release_client(self, ip: str) -> None:
         self.per_ip[ip] -= 1

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._reasons import ConnectionEnded, Reason
-from ._splice import POOL, SpliceError, splice_chunk
+from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, SpliceError, copy_once, drain_pipe, lift_send_lowat, send_rest, shared_buffer, splice_once
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -35,6 +35,9 @@ RECEIVE_SIZE = 65536
 
 # splice(2) between plain TCP sockets; False forces the copying path (tests compare the two).
 SPLICE = True
+
+# The client->target pump's task name: a constant, not one f-string per connection.
+PUMP_TASK = "triofwd pump client->target"
 
 IN = "in"  # client -> target (bytes_in)
 OUT = "out"  # target -> client (bytes_out)
@@ -137,32 +140,60 @@ def _spliceable(a: trio.abc.Stream, b: trio.abc.Stream) -> bool:
 async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, direction: str) -> None:
     """Move src to dst until EOF, then pass the EOF on as a write shutdown.
 
-    Between two plain TCP sockets the bytes move by splice(2), never entering Python;
-    otherwise (TLS, a handler's stream) they are copied. Either way they are counted and
-    timed the same. A TLS stream has no write shutdown (trio's SSLStream cannot
+    Between two plain TCP sockets the bytes move by non-blocking syscalls on the raw
+    sockets, trying each first and waiting only when it would block; small chunks are
+    copied through one shared buffer and bulk is spliced (see _splice). Otherwise (TLS, a
+    handler's stream) they are copied through the streams. Either way they are counted
+    and timed the same. A TLS stream has no write shutdown (trio's SSLStream cannot
     half-close): an EOF toward one ends the whole connection, normally, once what was
-    read is delivered. The splice loop is written out here rather than in a helper: every
-    idle connection keeps this frame alive, and each extra frame is memory per connection.
+    read is delivered.
+
+    On the raw path each chunk takes one trip through the scheduler, never more: a chunk
+    that drained src (shorter than asked) is followed by the wait for src's next bytes,
+    which is that trip; a full one by a checkpoint, so cancellation stays prompt and a
+    busy connection cannot starve the others. The loop is written out here rather than
+    in a helper: every idle connection keeps this frame alive, and each extra frame is
+    memory per connection.
     """
     src_failed, dst_failed = _RESET[direction]
     if _spliceable(src, dst):
         src_sock, dst_sock = src.socket, dst.socket
-        while True:
-            try:
-                with POOL.borrowed() as pipe:
-                    n, waited = await splice_chunk(src_sock, dst_sock, pipe)
-            except SpliceError as exc:
-                raise ConnectionEnded(src_failed if exc.side == "src" else dst_failed, str(exc.error)) from exc
-            if n is None:  # nothing to read yet: wait without holding a pipe
-                await trio.lowlevel.wait_readable(src_sock)
-                continue
-            if n == 0:
-                break
-            traffic.moved(direction, n)
-            if not waited:
-                # One trip through the scheduler per chunk: cancellation stays prompt and
-                # a busy connection cannot starve the others.
-                await trio.lowlevel.checkpoint()
+        raw_src, raw_dst = src_sock._sock, dst_sock._sock  # noqa: SLF001 - the non-blocking stdlib sockets under trio's
+        src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
+        buffer = shared_buffer()
+        bulk = False
+        try:
+            while True:
+                waited = False
+                if bulk and (pipe := POOL.take()) is not None:
+                    n, left = splice_once(pipe, src_fd, dst_fd)
+                    if left:
+                        traffic.seen()
+                        await drain_pipe(pipe, dst_sock, left)
+                        waited = True
+                    asked = CHUNK
+                else:  # a small chunk, or no pipe to be had (out of fds): copy it
+                    n, rest = copy_once(raw_src, raw_dst, buffer)
+                    if rest:
+                        traffic.seen()
+                        await send_rest(dst_sock, rest)
+                        waited = True
+                    asked = COPY_CHUNK
+                if n is None:
+                    await trio.lowlevel.wait_readable(src_fd)
+                    continue
+                if n == 0:
+                    break
+                traffic.moved(direction, n)
+                if n >= SPLICE_AT and not bulk:
+                    lift_send_lowat(raw_dst)
+                bulk = n >= SPLICE_AT
+                if n < asked:
+                    await trio.lowlevel.wait_readable(src_fd)  # src is drained: this wait is the chunk's trip
+                elif not waited:
+                    await trio.lowlevel.checkpoint()
+        except SpliceError as exc:
+            raise ConnectionEnded(src_failed if exc.side == "src" else dst_failed, str(exc.error)) from exc
     else:
         await _move_copied(src, dst, traffic, direction)
     if not isinstance(dst, trio.abc.HalfCloseableStream):
@@ -203,7 +234,7 @@ async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stre
         if traffic.warn_after != math.inf:
             nursery.start_soon(run_watched, traffic, partial(pump, client, target, traffic, IN), partial(pump, target, client, traffic, OUT))
         else:
-            nursery.start_soon(pump, client, target, traffic, IN)
+            nursery.start_soon(pump, client, target, traffic, IN, name=PUMP_TASK)
             await pump(target, client, traffic, OUT)  # in this task: one task fewer per connection
     reason = traffic.expired()
     if reason is not None:

@@ -48,6 +48,9 @@ WATCH_BUFFER = 1024
 # How often the offload routes' kernel counters are read while rules are installed.
 OFFLOAD_COUNTERS_EVERY = 2.0
 
+# Connections taken from the backlog per wakeup of an accept loop before it yields anyway.
+ACCEPT_BATCH = 32
+
 # accept() errors that concern only the connection being accepted (accept(2), "Error handling").
 ACCEPT_IGNORED_ERRNOS = {errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 
@@ -304,11 +307,21 @@ class Forwarder:
         try:
             with entry.scope:
                 async with listener:
+                    batch = 0
                     while True:
                         try:
                             # The raw accept() gives the peer's address with the socket: a client
                             # that resets before its task runs cannot make getpeername() fail later.
-                            sock, peer = await listener.socket.accept()
+                            # Taken straight from the backlog while there are any; a trip
+                            # through the scheduler only to wait, or after ACCEPT_BATCH of them.
+                            if batch >= ACCEPT_BATCH:
+                                batch = 0
+                                await trio.lowlevel.checkpoint()
+                            while (ready := _accept_ready(listener.socket)) is None:
+                                batch = 0
+                                await trio.lowlevel.wait_readable(listener.socket)
+                            batch += 1
+                            sock, peer = ready
                         except OSError as exc:
                             if exc.errno in ACCEPT_IGNORED_ERRNOS:
                                 continue  # that one client is gone; nothing wrong with the listener
@@ -333,6 +346,15 @@ class Forwarder:
                 entries.remove(entry)
                 if not entries:
                     del self._listeners[entry.key]
+
+
+def _accept_ready(listener: trio.socket.SocketType) -> tuple[trio.socket.SocketType, Any] | None:
+    """A connection waiting in the backlog, or None; accept() without trio's checkpoints around it."""
+    try:
+        sock, peer = listener._sock.accept()  # noqa: SLF001 - the non-blocking stdlib socket under trio's
+    except BlockingIOError:
+        return None
+    return trio.socket.from_stdlib_socket(sock), peer
 
 
 def _offload_only(table: RouteTable) -> set[ListenKey]:
