@@ -109,3 +109,27 @@ def test_the_balancer_skips_targets_that_are_not_usable_and_spreads_their_share(
     lc = Balancer([("a", 1), ("b", 1), ("c", 1)], "least-connections")
     with lc.hold(2):
         assert lc.order(2, usable=[1, 2]) == [1, 2]
+
+
+def test_a_reload_that_drops_a_policy_forgets_the_state_it_made() -> None:
+    h = TargetHealth(BREAKER, random.Random(5))
+    for _ in range(3):
+        h.check_failed(CHECKS, "connect_refused")
+        h.failed(0.0)
+    assert not h.up and h.circuit is Circuit.OPEN
+    h.adopt(CHECKS, BREAKER)  # both policies stay: so does the state
+    assert not h.up and h.circuit is Circuit.OPEN
+    h.adopt(None, BREAKER)  # no more checks: nothing will ever bring it back, so it is up
+    assert h.up and h.circuit is Circuit.OPEN
+    h.adopt(None, None)  # no more breaker: closed, and failures only counted
+    assert h.circuit is Circuit.CLOSED and h.usable(0.0) and h.failures_total == 3
+
+
+def test_a_probe_that_fails_after_its_breaker_is_gone_does_not_stay_out() -> None:
+    h = TargetHealth(BREAKER, random.Random(6))
+    for _ in range(3):
+        h.failed(0.0)
+    probe = h.begin(h.open_until)
+    h.circuit_policy = None  # the breaker removed while the probe was out
+    h.failed(h.open_until, probe)
+    assert not h.probing

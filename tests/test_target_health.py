@@ -344,3 +344,36 @@ async def test_targets_show_in_routes_stats_metrics_and_the_inspector(tmp_path: 
     assert lines[-2].split() == ["r", a.address, "up", "closed", "0", "1", "0", "ok"]
     # (the hole's failures count the warm pool's refused connects, made until the checks took it out)
     assert lines[-1].split()[:6] + lines[-1].split()[7:] == ["r", hole, "DOWN", "closed", "0", "0", "connect_refused"]
+
+
+async def test_a_health_check_that_finds_us_out_of_fds_gives_no_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMFILE here says nothing about the target: it must not be taken out for it."""
+    import triofwd._targets as targets_module
+
+    probes = 0
+
+    async def out_of_fds(address: Any, policy: Any) -> str:
+        nonlocal probes
+        probes += 1
+        return "capacity"
+
+    monkeypatch.setattr(targets_module, "probe", out_of_fds)
+    with trio.fail_after(10):
+        async with targets("a") as (_, (a,)):
+            async with forwarder(config(route(targets=[a.address], health_check=FAST_CHECKS))) as fwd:
+                await wait_for(lambda: probes >= 2 * FAST_CHECKS.fall)  # enough to have taken it out
+                row = states(fwd)[a.address]
+    assert row["up"] and row["checks_failed"] == 0 and row["checks_passed"] == 0
+
+
+async def test_a_reload_to_fewer_warm_sockets_closes_the_extra_ones() -> None:
+    with trio.fail_after(10):
+        async with targets("w") as (_, (w,)):
+            async with forwarder(config(route(targets=[w.address], warm=3))) as fwd:
+                await wait_for(lambda: states(fwd)[w.address]["warm"] == 3)
+                await fwd.reload(config(route(targets=[w.address], warm=1)))
+                assert states(fwd)[w.address]["warm"] == 1
+                await wait_for(lambda: w.abandoned == 2)  # the target saw two of them closed
+                await fwd.reload(config(route(targets=[w.address])))
+                assert states(fwd)[w.address]["warm"] == 0
+                await wait_for(lambda: w.abandoned == 3)

@@ -92,7 +92,7 @@ def _tune_gc() -> None:
     hundred container objects: with the default gen-0 threshold (700) the cyclic collector ran
     every few connections: 12% of the daemon's time in one profile at 2k new connections/s
     (docs/profile.md)."""
-    gc.freeze()  # modules, config, table: never scanned again
+    gc.freeze()  # what exists now (modules and their objects) is never scanned again
     gc.set_threshold(*GC_THRESHOLDS)
 
 
@@ -105,7 +105,10 @@ def _raise_fd_limit(max_connections: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return soft
-    for want in (2 * max_connections + FD_RESERVE, hard):  # past the hard limit first, where it must and may
+    # At least the hard limit: spliced connections waiting on a slow side hold a pipe (two fds
+    # more), warm sockets and health checks hold their own. Past it where it must and may.
+    needed = 2 * max_connections + FD_RESERVE
+    for want in (needed if hard == resource.RLIM_INFINITY else max(needed, hard), hard):
         if want <= soft or want == resource.RLIM_INFINITY:
             continue
         try:

@@ -17,9 +17,10 @@ import trio
 
 from ._reasons import ConnectionEnded, Reason
 
+from ._health import Attempt, TargetHealth
+
 if TYPE_CHECKING:
     from ._connection import Connection
-    from ._health import TargetHealth
     from ._table import CompiledRoute
     from ._targets import RouteTargets
 
@@ -136,7 +137,9 @@ async def dialed(
         host, port = target.address
         conn.target = target.name
         try:
-            stream = target.take_warm(began) or await open_target(host, port, route.policy.connect_timeout)
+            # A half-open circuit's probe is a fresh connect: a warm socket from before proves nothing.
+            warm = target.take_warm(began) if attempt is Attempt.NORMAL else None
+            stream = warm or await open_target(host, port, route.policy.connect_timeout)
             peer = _reached(stream)
         except trio.TooSlowError:
             reason = Reason.CONNECT_TIMEOUT
@@ -168,9 +171,11 @@ async def dialed(
 
 
 def _report_end(health: TargetHealth, exc: BaseException) -> None:
-    """A connection through the target ended with `exc`: a target reset counts against it."""
+    """A connection through the target ended with `exc`: one it ended with target_reset
+    (the first cause, the reason recorded) counts against it."""
     leaves = _leaf_exceptions(exc)
-    if any(isinstance(leaf, ConnectionEnded) and leaf.reason is Reason.TARGET_RESET for leaf in leaves):
+    ended = next((leaf for leaf in leaves if isinstance(leaf, ConnectionEnded)), None)
+    if ended is not None and ended.reason is Reason.TARGET_RESET:
         health.failed(trio.current_time())
     elif not all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
         health.succeeded()

@@ -82,6 +82,14 @@ class TargetHealth:
         self.open_until = -math.inf
         self.probing = False  # half-open: the one probe connection is out
 
+    def adopt(self, checks: CheckPolicy | None, circuit: CircuitPolicy | None) -> None:
+        """The route's policies as of a reload: state whose policy is gone is forgotten."""
+        self.circuit_policy = circuit
+        if checks is None:
+            self.up, self.passes, self.fails = True, 0, 0
+        if circuit is None:
+            self.circuit, self.probing, self.backoff, self.open_until = Circuit.CLOSED, False, 0.0, -math.inf
+
     # -- what the balancer asks -----------------------------------------------------------
 
     def usable(self, now: float) -> bool:
@@ -124,6 +132,7 @@ class TargetHealth:
         self.consecutive_failures += 1
         policy = self.circuit_policy
         if policy is None:
+            self.probing = False
             return
         if self.circuit is Circuit.HALF_OPEN:
             if attempt is Attempt.PROBE:

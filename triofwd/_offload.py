@@ -93,8 +93,8 @@ class KernelRules:
             try:
                 await trio.to_thread.run_sync(_nft.apply, _nft.render_ruleset(rules, previous=self._rules))
                 return
-            except _nft.NftError as exc:  # someone else changed the table: replace it whole
-                log.warning("cannot update the nftables table in place (%s): replacing it", exc)
+            except _nft.NftError as exc:  # e.g. someone else changed the table: replace it whole
+                log.warning("cannot update the nftables table in place (%s): replacing it whole", exc)
         await trio.to_thread.run_sync(_nft.apply, _nft.render_ruleset(rules))
 
     async def read_counters(self) -> dict[str, tuple[int, int]]:

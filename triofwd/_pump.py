@@ -2,9 +2,9 @@
 
 Inactivity and half-close share one cancel scope around the pumps; every byte moves the
 inactivity deadline, the first EOF starts the half-close deadline. When the scope fires,
-leaving it raises ConnectionEnded with the reason of the deadline that passed. Socket errors are translated into
-ConnectionEnded at the one place they can arise, each read or write, so the reason
-names the side that failed.
+leaving it raises ConnectionEnded with the reason of the deadline that passed. Socket errors
+are translated into ConnectionEnded where each read or write happens (SpliceError on the
+raw path, trio's stream errors on the copying one), so the reason names the side that failed.
 """
 
 from __future__ import annotations
@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["IN", "OUT", "ReplayStream", "Traffic", "TrafficStream", "relay", "run_watched", "traffic_scopes"]
 
 log = logging.getLogger("triofwd.connection")
-
-# 64 KiB is the largest chunk one recv() of a loopback or LAN socket usually returns;
-# a larger buffer wastes memory per connection without moving bytes faster.
-RECEIVE_SIZE = 65536
 
 # splice(2) between plain TCP sockets; False forces the copying path (tests compare the two).
 SPLICE = True
@@ -208,7 +204,7 @@ async def _move_copied(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traf
     src_failed, dst_failed = _RESET[direction]
     while True:
         with _failure_means(src_failed):
-            data = await src.receive_some(RECEIVE_SIZE)
+            data = await src.receive_some(COPY_CHUNK)
         if not data:
             return
         traffic.seen()

@@ -314,9 +314,9 @@ class Forwarder:
                             # that resets before its task runs cannot make getpeername() fail later.
                             # Taken straight from the backlog while there are any; a trip
                             # through the scheduler only to wait, or after ACCEPT_BATCH of them.
-                            if batch >= ACCEPT_BATCH:
+                            if batch >= ACCEPT_BATCH or entry.scope.cancel_called:
                                 batch = 0
-                                await trio.lowlevel.checkpoint()
+                                await trio.lowlevel.checkpoint()  # and where drain() cancelled us, stop here
                             while (ready := _accept_ready(listener.socket)) is None:
                                 batch = 0
                                 await trio.lowlevel.wait_readable(listener.socket)
@@ -324,6 +324,7 @@ class Forwarder:
                             sock, peer = ready
                         except OSError as exc:
                             if exc.errno in ACCEPT_IGNORED_ERRNOS:
+                                batch += 1
                                 continue  # that one client is gone; nothing wrong with the listener
                             # Out of fds or memory: the pending connection stays queued and the
                             # socket stays readable, so back off. Bursts come in waves when fds

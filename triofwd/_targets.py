@@ -84,9 +84,13 @@ class Target:
                 stream.socket.close()
         self.warm = keep
 
-    def close_warm(self) -> None:
-        while self.warm:
+    def trim_warm(self, size: int) -> None:
+        """Keep at most `size` warm sockets (the newest)."""
+        while len(self.warm) > size:
             self.warm.popleft()[1].socket.close()
+
+    def close_warm(self) -> None:
+        self.trim_warm(0)
 
 
 class RouteTargets:
@@ -97,7 +101,10 @@ class RouteTargets:
         carried = {t.address: t for t in previous.targets} if previous is not None else {}
         self.targets = [carried.pop(address, None) or Target(address, route) for address in route.targets]
         for target in self.targets:
-            target.health.circuit_policy = route.circuit
+            # Carried state lasts only while its policy does: a route that no longer checks
+            # (or breaks circuits) must not keep a target out on the strength of old checks.
+            target.health.adopt(route.health, route.circuit)
+            target.trim_warm(route.warm)
         same = previous is not None and previous.route.targets == route.targets and previous.route.balance == route.balance
         # An unchanged balancer keeps its turn and the holds of connections still open.
         self.balancer = previous.balancer if same and previous is not None else Balancer(route.targets, route.balance)
@@ -134,7 +141,9 @@ class RouteTargets:
         while True:
             began = trio.current_time()
             why = await probe(target.address, policy)
-            if why is None:
+            if why == Reason.CAPACITY:
+                log.info("route %s: no health check of %s: out of file descriptors here", self.route.name, target.name)
+            elif why is None:
                 if target.health.check_passed(policy):
                     log.warning("route %s: target %s is up again (%d checks passed)", self.route.name, target.name, policy.rise)
             elif target.health.check_failed(policy, why):
@@ -164,6 +173,9 @@ class RouteTargets:
                         health.failed(trio.current_time())
                     await trio.sleep(WARM_RETRY)
                 else:
+                    if self.scope.cancel_called:  # closed while the connect finished: not ours to keep
+                        stream.socket.close()
+                        return
                     target.warm.append((trio.current_time(), stream))
                 continue
             # Full: wake when one is taken, the oldest ages out, or to look for ones the target closed.
