@@ -42,6 +42,7 @@ import trio
 
 import triofwd
 from triofwd._splice import POOL_LIMIT
+from triofwd._targets import alive
 from tests.conftest import Daemon, receive_all, receive_exactly, rst_close
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -50,6 +51,8 @@ FAULTS = HERE / "faults"
 # How long the daemon may take to close and record everything once the traffic is over.
 SETTLE_TIMEOUT = 20.0
 POLL = 0.05  # polling another process's state: it has no event this process can await
+PEER_POLL = 0.5  # how often a silent target looks whether its peer has gone
+HALF_OPEN_HOLD = 10.0  # how long a half-open target stays silent after answering
 MIB = 1024 * 1024
 # The RSS bound of a scenario unless it states its own: the daemon may grow this much.
 DEFAULT_RSS_BOUND_MIB = 16
@@ -336,10 +339,20 @@ async def trickle(client: trio.SocketStream, data: bytes, interval: float) -> No
 # -- scripted peers (trio handlers for tests.conftest.backend) -----------------------------
 
 
+async def until_peer_hangs_up(stream: trio.SocketStream) -> None:
+    """Hold the connection, reading nothing, until the peer closes or resets it.
+
+    A silent target must still let go once the forwarder does: held forever, its sockets
+    pile up in the process that runs it (the soak ran out of fds after 20 minutes).
+    """
+    while alive(stream.socket):
+        await trio.sleep(PEER_POLL)
+
+
 async def black_hole_target(stream: trio.SocketStream) -> None:
-    """Accepts, then never reads nor answers."""
+    """Accepts, then never reads nor answers (and lets go once the peer does)."""
     async with stream:
-        await trio.sleep_forever()
+        await until_peer_hangs_up(stream)
 
 
 def resetting_target(after: int, reply: bytes = b"") -> Callable[[trio.SocketStream], Any]:
@@ -367,12 +380,14 @@ def early_closing_target(after: int) -> Callable[[trio.SocketStream], Any]:
 
 
 async def half_open_target(stream: trio.SocketStream) -> None:
-    """Reads until the client's EOF, answers once, then stays open and silent."""
+    """Reads until the client's EOF, answers once, then stays open and silent (HALF_OPEN_HOLD)."""
     async with stream:
         with contextlib.suppress(trio.BrokenResourceError):
             data = await receive_all(stream)
             await stream.send_all(b"got %d" % len(data))
-            await trio.sleep_forever()
+            # Its peer's EOF came already, so a close would not show without writing: hold
+            # for longer than any scenario's timeouts, then let go (a long soak would pile them up).
+            await trio.sleep(HALF_OPEN_HOLD)
 
 
 
