@@ -74,22 +74,6 @@ class Settings(_Struct):
     trusted_proxies: list[str] = []
 
 
-# Keys of [settings] that a route may repeat to override them for itself.
-ROUTE_OVERRIDES = (
-    "connect_timeout",
-    "initial_data_timeout",
-    "inactivity_timeout",
-    "half_close_timeout",
-    "max_lifetime",
-    "keepalive",
-    "keepalive_multiplier",
-    "tcp_keepalive",
-    "max_connections",
-    "max_connections_per_ip",
-    "connection_rate_per_ip",
-)
-
-
 class TLS(_Struct):
     """TLS options for `domains` routes and `action = "bridge"`."""
 
@@ -157,6 +141,10 @@ class Route(_Struct):
     max_connections: Count | None = None
     max_connections_per_ip: Count | None = None
     connection_rate_per_ip: Rate | None = None
+
+
+# Keys of [settings] that a route may repeat to override them for itself: the ones both declare.
+ROUTE_OVERRIDES = tuple(name for name in Settings.__struct_fields__ if name in Route.__struct_fields__)
 
 
 class Config(_Struct):

@@ -43,7 +43,7 @@ import trio_websocket
 
 from ._config import ConfigError
 from ._connection import Connection
-from ._metrics import render_metrics
+from ._metrics import prometheus_number, render_metrics
 from ._server import WATCH_BUFFER, Forwarder, ListenError
 from ._table import client_address
 
@@ -273,7 +273,7 @@ class ControlServer:
         self.reload = reload
         self.watch_buffer = watch_buffer
         self._sessions = 0
-        self._commands: dict[str, tuple[type[msgspec.Struct], Callable[[Any], Awaitable[Any]]]] = {
+        self._commands: dict[str, tuple[type[msgspec.Struct], Callable[[Any], Awaitable[Any]] | None]] = {
             "connections": (_ConnectionsArgs, self._connections),
             "connection": (_IdArgs, self._connection),
             "kill": (_IdArgs, self._kill),
@@ -282,7 +282,7 @@ class ControlServer:
             "reload": (_NoArgs, self._reload),
             "drain": (_NoArgs, self._drain),
             "metrics": (_NoArgs, self._metrics),
-            "watch": (_NoArgs, self._not_here),  # run by the session, beside other requests
+            "watch": (_NoArgs, None),  # run by the session, beside other requests
         }
 
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
@@ -343,7 +343,7 @@ class ControlServer:
             args = msgspec.json.decode(request.args, type=args_type)
         except _UNDECODABLE as exc:
             return Reply(request.id, False, error=f"bad arguments for {request.cmd}: {exc}")
-        if request.cmd == "watch":
+        if handler is None:
             return _WatchRequest(request.id)
         try:
             return Reply(request.id, True, result=await handler(args))
@@ -420,9 +420,6 @@ class ControlServer:
     async def _metrics(self, args: _NoArgs) -> str:
         await self.fwd.read_offload_counters()
         return metrics_text(self.fwd)
-
-    async def _not_here(self, args: _NoArgs) -> None:
-        raise AssertionError("watch is run by the session")
 
     def _find(self, conn_id: int) -> Connection:
         conn = self.fwd.connections.get(conn_id)
@@ -507,7 +504,7 @@ def stats_json(stats: Mapping[str, Any]) -> dict[str, Any]:
     routes = {}
     for name, route in stats["routes"].items():
         histogram = route["connect_time"]
-        buckets = {("+Inf" if bound == float("inf") else repr(float(bound))): count for bound, count in histogram["buckets"]}
+        buckets = {prometheus_number(float(bound)): count for bound, count in histogram["buckets"]}
         routes[name] = {**route, "connect_time": {**histogram, "buckets": buckets}}
     return {**stats, "routes": routes}
 

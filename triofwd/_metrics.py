@@ -34,7 +34,7 @@ from typing import Any
 from ._health import Circuit
 from ._reasons import Reason
 
-__all__ = ["CONTENT_TYPE", "LIMIT_REASONS", "render_metrics"]
+__all__ = ["CONTENT_TYPE", "LIMIT_REASONS", "prometheus_number", "render_metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "triofwd_"
@@ -57,7 +57,7 @@ def render_metrics(stats: Mapping[str, Any], route_names: Iterable[str] = ()) ->
     def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, Mapping[str, str], float]]) -> None:
         out.append(f"# HELP {PREFIX}{name} {_escape_help(help_text)}")
         out.append(f"# TYPE {PREFIX}{name} {kind}")
-        out.extend(f"{PREFIX}{suffix}{_labels(labels)} {_number(value)}" for suffix, labels, value in samples)
+        out.extend(f"{PREFIX}{suffix}{_labels(labels)} {prometheus_number(value)}" for suffix, labels, value in samples)
 
     family("connections_active", "gauge", "Connections open now.",
            (("connections_active", {"route": n}, routes[n].get("active", 0)) for n in names))  # fmt: skip
@@ -121,7 +121,7 @@ def _histogram(name: str, labels: Mapping[str, str], data: Mapping[str, Any] | N
     if not buckets or buckets[-1][0] != math.inf:
         buckets.append((math.inf, data["count"] if data else 0))
     for bound, count in buckets:
-        yield f"{name}_bucket", {**labels, "le": _number(bound)}, count
+        yield f"{name}_bucket", {**labels, "le": prometheus_number(bound)}, count
     yield f"{name}_sum", labels, data["sum"] if data else 0
     yield f"{name}_count", labels, data["count"] if data else 0
 
@@ -142,7 +142,7 @@ def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _number(value: float) -> str:
+def prometheus_number(value: float) -> str:
     """A sample value as the text format writes it: integers plainly, +Inf/-Inf/NaN by name."""
     if isinstance(value, bool):
         return str(int(value))

@@ -85,7 +85,7 @@ NFT_TIMEOUT_S = 10.0
 # Route names become part of nft object names, which nft's scanner reads
 # unquoted; the prefixes below start with a letter, so any name from this
 # charset yields a valid nft identifier and never a keyword.
-ROUTE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+ROUTE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")  # the route table's too; use fullmatch ("$" lets a final "\n" through)
 TABLE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 # Every rendered address must consist of these characters only (a last line
 # of defence behind ipaddress; IPv6 zone indexes like "%eth0" are refused).

@@ -22,7 +22,7 @@ from typing import Any
 
 from ._config import ROUTE_OVERRIDES, Config, ConfigError, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
 from ._health import CheckPolicy, CircuitPolicy
-from ._nft import NftError, OffloadRule, render_ruleset, validate_rule
+from ._nft import ROUTE_NAME_RE, NftError, OffloadRule, render_ruleset, validate_rule
 from ._reasons import Reason
 from ._tls import RouteTLS
 
@@ -37,7 +37,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ListenKey = tuple[str, int, str]
 
 # Route names appear in logs, metric labels and (offload) nftables rules: keep them plain.
-ROUTE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")  # use fullmatch: "$" lets a final "\n" through
 DOMAIN_PATTERN_RE = re.compile(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 
