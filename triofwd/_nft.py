@@ -176,7 +176,7 @@ def _is_port(value: object) -> bool:
     return type(value) is int and PORT_MIN <= value <= PORT_MAX
 
 
-def _parse_address(name: str, what: str, value: object) -> IPAddress:
+def _parse_address(name: str, what: str, value: object, hint: str = "") -> IPAddress:
     if isinstance(value, str) and "%" not in value:
         try:
             address = ipaddress.ip_address(value)
@@ -185,7 +185,7 @@ def _parse_address(name: str, what: str, value: object) -> IPAddress:
         else:
             if SAFE_ADDRESS_RE.fullmatch(str(address)):
                 return address
-    raise NftError(f"route {name!r}: {what} {value!r} is not an IP address literal")
+    raise NftError(f"route {name!r}: {what} {value!r} is not an IP address literal{hint}")
 
 
 def _parse_networks(name: str, field: str, values: object) -> list[IPNetwork]:
@@ -256,18 +256,7 @@ def _normalize(rule: OffloadRule) -> _Route:
         if not isinstance(target, (tuple, list)) or len(target) != 2:
             raise NftError(f"route {name!r}: target {target!r} is not a (host, port) pair")
         host, port = target
-        if not isinstance(host, str) or "%" in host:
-            address = None
-        else:
-            try:
-                address = ipaddress.ip_address(host)
-            except ValueError:
-                address = None
-        if address is None or SAFE_ADDRESS_RE.fullmatch(str(address)) is None:
-            raise NftError(
-                f"route {name!r}: target host {host!r} is not an IP address literal"
-                " (hostnames cannot be offloaded)"
-            )
+        address = _parse_address(name, "target host", host, " (hostnames cannot be offloaded)")
         if address.is_unspecified or address.is_multicast:
             raise NftError(f"route {name!r}: target host {host!r} is not a unicast address")
         if address.version != version:
@@ -340,6 +329,18 @@ def _check_overlaps(routes: Sequence[_Route]) -> None:
 def validate_rule(rule: OffloadRule) -> None:
     """Raise :class:`NftError` naming the route and value if ``rule`` cannot be offloaded."""
     _normalize(rule)
+
+
+def _checked(rules: Sequence[OffloadRule]) -> list[_Route]:
+    routes = [_normalize(rule) for rule in rules]
+    _check_overlaps(routes)
+    return routes
+
+
+def check_rules(rules: Sequence[OffloadRule]) -> None:
+    """Raise :class:`NftError` if the rules cannot be installed together (what
+    :func:`render_ruleset` refuses), without rendering them."""
+    _checked(rules)
 
 
 # ----------------------------------------------------------------- rendering
@@ -462,8 +463,7 @@ def render_ruleset(rules: Sequence[OffloadRule], table: str = DEFAULT_TABLE, pre
     claiming the same port.  With no rules the table is left empty (no hooks).
     """
     table = _check_table(table)
-    routes = [_normalize(rule) for rule in rules]
-    _check_overlaps(routes)
+    routes = _checked(rules)
 
     head = f"table {TABLE_FAMILY} {table}"
     if previous and routes:

@@ -17,7 +17,7 @@ import trio
 
 from . import _nft
 from ._errors import ListenError
-from ._table import RouteTable, offload_rule, with_routes
+from ._table import RouteTable, offload_rules, with_routes
 
 __all__ = ["KernelRules", "OffloadError", "kernel_rules", "ruleset_text"]
 
@@ -40,7 +40,7 @@ class OffloadError(ListenError):
 
 def ruleset_text(table: RouteTable) -> str:
     """The nftables ruleset for the table's offload routes (what `check --show-nft` prints)."""
-    return _nft.render_ruleset([offload_rule(r) for r in table.routes if r.action == "offload"])
+    return _nft.render_ruleset(offload_rules(table.routes))
 
 
 class KernelRules:
@@ -70,7 +70,7 @@ class KernelRules:
             return table
         problem = await trio.to_thread.run_sync(_nft.nft_available)
         if problem is None:
-            rules = [offload_rule(r) for r in offload]
+            rules = offload_rules(offload)
             try:
                 await self._apply(rules)
             except _nft.NftError as exc:

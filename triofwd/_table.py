@@ -22,7 +22,7 @@ from typing import Any
 
 from ._config import ROUTE_OVERRIDES, Config, ConfigError, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
 from ._health import CheckPolicy, CircuitPolicy
-from ._nft import ROUTE_NAME_RE, NftError, OffloadRule, render_ruleset, validate_rule
+from ._nft import ROUTE_NAME_RE, NftError, OffloadRule, check_rules, validate_rule
 from ._reasons import Reason
 from ._tls import RouteTLS
 
@@ -489,6 +489,11 @@ def with_routes(table: RouteTable, routes: Iterable[CompiledRoute]) -> RouteTabl
     return dataclasses.replace(table, routes=routes, by_listener=_by_listener(routes))
 
 
+def offload_rules(routes: Iterable[CompiledRoute]) -> list[OffloadRule]:
+    """The offload routes among `routes`, as the nftables renderer takes them."""
+    return [offload_rule(route) for route in routes if route.action == "offload"]
+
+
 def offload_rule(route: CompiledRoute) -> OffloadRule:
     """An offload route as the nftables renderer takes it."""
     return OffloadRule(
@@ -519,6 +524,6 @@ def _check_offload(errors: _Errors, routes: list[CompiledRoute]) -> None:
             errors.add(f"$.routes[{route.index}]", str(exc))
     if offload and not errors.lines:
         try:
-            render_ruleset([offload_rule(r) for r in offload])
+            check_rules(offload_rules(offload))
         except NftError as exc:
             errors.add("$.routes", str(exc))
