@@ -13,9 +13,11 @@ import os
 import pathlib
 import signal
 import socket
+import socketserver
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -128,6 +130,41 @@ class AccessLogCapture:
             while len(self.lines) < count:
                 await self.changed.wait()
         return self.records
+
+
+# -- blocking helpers, for tests whose own thread blocks on a daemon -------------------------
+
+
+@contextlib.contextmanager
+def threaded_echo() -> Iterator[str]:
+    """An echo server in threads on 127.0.0.1; yields "127.0.0.1:port"."""
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            with contextlib.suppress(OSError):
+                while data := self.request.recv(65536):
+                    self.request.sendall(data)
+
+    class Server(socketserver.ThreadingTCPServer):
+        request_queue_size = 128  # the backlog of a plain listen(), not socketserver's 5: bursts of connects queue
+
+    with Server(("127.0.0.1", 0), Echo) as server:
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield "127.0.0.1:%d" % server.server_address[1]
+        finally:
+            server.shutdown()
+            thread.join(5)
+
+
+def roundtrip(address: tuple[str, int], payload: bytes = b"ping") -> socket.socket:
+    """A blocking connection that has echoed `payload` back; the caller closes it."""
+    sock = socket.create_connection(address, timeout=5)
+    sock.sendall(payload)
+    assert sock.recv(len(payload), socket.MSG_WAITALL) == payload
+    return sock
 
 
 # -- misbehaving peers ----------------------------------------------------------------

@@ -11,54 +11,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import REPO, Daemon, open_fds
+from tests.conftest import REPO, Daemon, open_fds, roundtrip, threaded_echo
 
 
-@contextlib.contextmanager
-def echo_server() -> Iterator[int]:
-    """A threaded blocking echo server on 127.0.0.1; yields its port."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            conn.settimeout(None)
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
-
-
-def roundtrip(address: tuple[str, int], payload: bytes = b"ping") -> socket.socket:
-    sock = socket.create_connection(address, timeout=5)
-    sock.sendall(payload)
-    assert sock.recv(len(payload), socket.MSG_WAITALL) == payload
-    return sock
-
-
-def routes(target_port: int, *extra: str) -> str:
+def routes(target: str, *extra: str) -> str:
     return "\n".join([
         "[settings]",
         'shutdown_grace = "1s"',
@@ -66,7 +27,7 @@ def routes(target_port: int, *extra: str) -> str:
         'name = "echo"',
         "ports = [0]",
         'bind = "127.0.0.1"',
-        f'targets = ["127.0.0.1:{target_port}"]',
+        f'targets = ["{target}"]',
         *extra,
     ])  # fmt: skip
 
@@ -107,20 +68,20 @@ def test_python_dash_m_is_the_same_program(tmp_path: pathlib.Path) -> None:
 
 def test_ready_is_logged_and_sent_to_systemd(tmp_path: pathlib.Path, daemon) -> None:
     notify_path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, echo_server() as port:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, threaded_echo() as target:
         notify.bind(notify_path)
         notify.settimeout(10)
-        d = daemon(routes(port), env={**os.environ, "NOTIFY_SOCKET": notify_path})
+        d = daemon(routes(target), env={**os.environ, "NOTIFY_SOCKET": notify_path})
         assert notify.recv(100) == b"READY=1"
         roundtrip(d.address("echo")).close()
     assert list(d.listeners) == ["echo"]
 
 
 def test_sighup_reloads_and_open_connections_keep_running(daemon) -> None:
-    with echo_server() as port:
-        d = daemon(routes(port))
+    with threaded_echo() as target:
+        d = daemon(routes(target))
         old = roundtrip(d.address("echo"))
-        d.routefile.write_text(routes(port) + '\n[[routes]]\nname = "second"\nports = [0]\nbind = "127.0.0.1"\naction = "reject"\n')
+        d.routefile.write_text(routes(target) + '\n[[routes]]\nname = "second"\nports = [0]\nbind = "127.0.0.1"\naction = "reject"\n')
         d.signal(signal.SIGHUP)
         d.wait_log("reloaded")
         old.sendall(b"after reload")
@@ -137,8 +98,8 @@ def test_sighup_reloads_and_open_connections_keep_running(daemon) -> None:
 
 
 def test_sigterm_lets_connections_finish_within_the_grace_then_closes_them(daemon) -> None:
-    with echo_server() as port:
-        d = daemon(routes(port))
+    with threaded_echo() as target:
+        d = daemon(routes(target))
         lingering = roundtrip(d.address("echo"))
         start = time.monotonic()
         d.signal(signal.SIGTERM)
@@ -153,8 +114,8 @@ def test_sigterm_lets_connections_finish_within_the_grace_then_closes_them(daemo
 
 
 def test_sigint_stops_too(daemon) -> None:
-    with echo_server() as port:
-        d = daemon(routes(port))
+    with threaded_echo() as target:
+        d = daemon(routes(target))
         d.signal(signal.SIGINT)
         assert d.wait() == 0
 
@@ -165,8 +126,8 @@ def _limit_fds(n: int):
 
 def test_emfile_backs_off_with_one_warning_per_burst_and_recovers(daemon) -> None:
     """With few fds, accept() fails with EMFILE; the daemon must neither spin nor flood the log."""
-    with echo_server() as port:
-        d = daemon(routes(port), preexec_fn=_limit_fds(64))
+    with threaded_echo() as target:
+        d = daemon(routes(target), preexec_fn=_limit_fds(64))
         # The hard limit cannot be raised: the daemon says how many connections it can hold.
         [limit] = [e["msg"] for e in d.logs() if "open file limit" in e["msg"]]
         assert "(64) holds about 0 connections, fewer than max_connections = 10000" in limit

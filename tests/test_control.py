@@ -9,10 +9,8 @@ import pathlib
 import shutil
 import signal
 import socket
-import socketserver
 import stat
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -20,7 +18,7 @@ import pytest
 import trio
 
 import triofwd
-from tests.conftest import backend, config, connect, echo, forwarder, receive_all, receive_exactly, route, split, wait_for
+from tests.conftest import backend, config, connect, echo, forwarder, receive_all, receive_exactly, roundtrip, route, split, threaded_echo, wait_for
 from triofwd._control import MAX_REQUEST_BYTES, WS_MAX_MESSAGE_BYTES, ControlConnectionError, ControlServer, bind_control_socket
 
 
@@ -425,26 +423,6 @@ async def test_reload_without_a_route_file_is_an_error(tmp_path: pathlib.Path) -
 # -- the real daemon ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def threaded_echo() -> Iterator[str]:
-    """An echo server in threads, for tests whose own thread blocks on the daemon."""
-
-    class Echo(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            while data := self.request.recv(65536):
-                self.request.sendall(data)
-
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo) as server:
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield "127.0.0.1:%d" % server.server_address[1]
-        finally:
-            server.shutdown()
-            thread.join(5)
-
-
 def control(path: str | pathlib.Path, cmd: str, **args: Any) -> Any:
     """One request to a daemon's control socket, from synchronous test code."""
 
@@ -470,9 +448,7 @@ def test_the_daemon_control_socket_kills_and_reloads(daemon: Callable[..., Any],
     with threaded_echo() as target:
         d = daemon(DAEMON_ROUTES.format(target=target), "--control", str(path))
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600  # bound before `ready`
-        with socket.create_connection(d.address("echo"), timeout=5) as client:
-            client.sendall(b"ping")
-            assert client.recv(4, socket.MSG_WAITALL) == b"ping"
+        with roundtrip(d.address("echo")) as client:
             [row] = control(path, "connections")
             assert row["route"] == "echo" and row["bytes_in"] == 4
             assert control(path, "kill", id=row["id"])["reason"] == "killed"

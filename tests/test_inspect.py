@@ -11,12 +11,10 @@ import pathlib
 import select
 import signal
 import socket
-import socketserver
 import struct
 import subprocess
 import sys
 import termios
-import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -24,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, roundtrip, threaded_echo
 
 INSPECT = REPO / "tools" / "inspect.py"
 
@@ -38,25 +36,6 @@ def load_inspector() -> ModuleType:
 
 
 inspector = load_inspector()
-
-
-@contextlib.contextmanager
-def threaded_echo() -> Iterator[str]:
-    class Echo(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            with contextlib.suppress(OSError):
-                while data := self.request.recv(65536):
-                    self.request.sendall(data)
-
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo) as server:
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield "127.0.0.1:%d" % server.server_address[1]
-        finally:
-            server.shutdown()
-            thread.join(5)
 
 
 ROUTES = """
@@ -87,17 +66,10 @@ def inspect(*args: str, env: dict[str, str] | None = None, cwd: pathlib.Path | N
     return subprocess.run([sys.executable, str(INSPECT), *args], capture_output=True, text=True, timeout=20, env=env, cwd=cwd or pathlib.Path("/"))
 
 
-def live_connection(d: Any, payload: bytes = b"ping") -> socket.socket:
-    sock = socket.create_connection(d.address("echo"), timeout=5)
-    sock.sendall(payload)
-    assert sock.recv(len(payload), socket.MSG_WAITALL) == payload
-    return sock
-
-
 def test_connections_stats_and_kill_for_people_and_for_scripts(running: tuple[Any, pathlib.Path]) -> None:
     d, path = running
     s = str(path)
-    with live_connection(d, b"x" * 2048) as client:
+    with roundtrip(d.address("echo"), b"x" * 2048) as client:
         port = client.getsockname()[1]
         table = inspect("-s", s, "connections")
         assert table.returncode == 0, table.stderr
@@ -171,7 +143,7 @@ def test_watch_prints_events_as_json_lines_until_interrupted(running: tuple[Any,
         # reported one from its open to its close.
         while not open_then_close([json.loads(line) for line in seen.splitlines(keepends=True) if line.endswith(b"\n")]):
             assert time.monotonic() < deadline and watch.poll() is None, seen
-            live_connection(d).close()
+            roundtrip(d.address("echo")).close()
             if select.select([out], [], [], 0.1)[0]:
                 seen += os.read(out, 65536)
         watch.send_signal(signal.SIGINT)
@@ -225,7 +197,7 @@ def read_until(master: int, predicate: Callable[[bytes], bool], timeout: float =
 @pytest.mark.parametrize("key", [b"q", b"\x03"], ids=["q", "ctrl-c"])
 def test_top_refreshes_a_live_table_and_restores_the_terminal(running: tuple[Any, pathlib.Path], key: bytes) -> None:
     d, path = running
-    with live_connection(d, b"z" * 5000) as client, top_in_a_terminal(path) as (proc, master, slave):
+    with roundtrip(d.address("echo"), b"z" * 5000) as client, top_in_a_terminal(path) as (proc, master, slave):
         before = termios.tcgetattr(slave)
         port = client.getsockname()[1]
         # Two frames: the first screen and one refresh of it.
