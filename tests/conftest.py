@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import socketserver
@@ -196,6 +197,29 @@ def rst_close(stream: trio.SocketStream) -> None:
 
 def open_fds(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def netns_prefix() -> list[str]:
+    """Command prefix that runs a program in a fresh network namespace with nft usable, or skip."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux network namespaces")
+    for tool in ("unshare", "nft", "ip"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool!r} on PATH (nftables, iproute2, util-linux)")
+    # As root a plain network namespace; otherwise a user namespace, which also grants
+    # CAP_NET_ADMIN inside it where the kernel allows unprivileged user namespaces.
+    prefix = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
+    try:
+        probe = subprocess.run([*prefix, "nft", "list", "tables"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"`{' '.join(prefix)} nft list tables` timed out")
+    if probe.returncode != 0:
+        who = "root" if os.geteuid() == 0 else "not root, and"
+        pytest.skip(
+            f"cannot use nft in a private network namespace ({who} `{' '.join(prefix)}` failed):"
+            f" {probe.stderr.strip() or f'exit {probe.returncode}'}"
+        )
+    return prefix
 
 
 class Daemon:

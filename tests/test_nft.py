@@ -7,20 +7,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO, netns_prefix
 from triofwd import _nft
 from triofwd._nft import NftError, OffloadRule, render_delete, render_ruleset, validate_rule
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 NETNS_HELPER = Path(__file__).resolve().parent / "nft_netns_helper.py"
 SUBPROCESS_TIMEOUT_S = 60
-PROBE_TIMEOUT_S = 10
 
 # Expected texts are written with 4-space indentation; the renderer indents
 # with tabs (checked separately) and the comparison expands them.
@@ -610,37 +608,10 @@ def test_read_counters_errors(fake_nft: Path) -> None:
 # ------------------------------------------------ real nft, private netns
 
 
-def _namespace_prefix() -> list[str]:
-    """Command prefix that runs a program in a fresh network namespace, or skip."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("network namespaces need Linux")
-    for tool in ("unshare", "nft", "ip"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not found on PATH")
-    # As root a plain network namespace; otherwise try a user namespace,
-    # which also grants CAP_NET_ADMIN inside it where the kernel allows.
-    prefix = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
-    try:
-        probe = subprocess.run(
-            [*prefix, "nft", "list", "tables"],
-            capture_output=True,
-            text=True,
-            timeout=PROBE_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"{' '.join(prefix)} nft list tables timed out")
-    if probe.returncode != 0:
-        pytest.skip(
-            f"cannot use nft in a private network namespace ({' '.join(prefix)}):"
-            f" {probe.stderr.strip() or probe.returncode}"
-        )
-    return prefix
-
-
 def _run_in_namespace(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
-        [*_namespace_prefix(), *args],
+        [*netns_prefix(), *args],
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT_S,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,12 +37,11 @@ import pytest
 import trio
 
 import triofwd
+from tests.conftest import REPO, netns_prefix
 from triofwd._offload import OffloadError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 HELPER = Path(__file__).resolve().parent / "offload_netns_helper.py"
 HELPER_TIMEOUT_S = 60
-PROBE_TIMEOUT_S = 10
 CLI_TIMEOUT_S = 20
 PAYLOAD = 20_480  # offload_netns_helper.PAYLOAD
 TARGET_A, TARGET_B = "9001", "9002"
@@ -52,45 +50,22 @@ TARGET_A, TARGET_B = "9001", "9002"
 # ------------------------------------------------------------------ running the helper
 
 
-def _namespace_prefix() -> list[str]:
-    """Command prefix that runs a program in a fresh network namespace with nft usable, or skip."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("offload tests need Linux network namespaces")
-    for tool in ("unshare", "nft", "ip"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"offload tests need {tool!r} on PATH (nftables, iproute2, util-linux)")
-    # As root a plain network namespace; otherwise a user namespace, which also grants
-    # CAP_NET_ADMIN inside it where the kernel allows unprivileged user namespaces.
-    prefix = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
-    try:
-        probe = subprocess.run([*prefix, "nft", "list", "tables"], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"`{' '.join(prefix)} nft list tables` timed out")
-    if probe.returncode != 0:
-        who = "root" if os.geteuid() == 0 else "not root, and"
-        pytest.skip(
-            f"cannot use nft in a private network namespace ({who} `{' '.join(prefix)}` failed):"
-            f" {probe.stderr.strip() or f'exit {probe.returncode}'}"
-        )
-    return prefix
-
-
 @pytest.fixture(scope="module")
 def netns(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, Any]]:
     """Run a helper scenario once per module (its result, or its failure, is reused)."""
-    prefix = _namespace_prefix()
+    prefix = netns_prefix()
     results: dict[str, dict[str, Any] | str] = {}
 
     def run(scenario: str) -> dict[str, Any]:
         if scenario not in results:
             workdir = tmp_path_factory.mktemp(scenario)
-            env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+            env = dict(os.environ, PYTHONPATH=str(REPO))
             try:
                 # unshare execs the helper in place: the timeout kills the helper itself,
                 # and the daemons it started die with it (PR_SET_PDEATHSIG).
                 done = subprocess.run(
                     [*prefix, sys.executable, str(HELPER), scenario, str(workdir)],
-                    capture_output=True, text=True, timeout=HELPER_TIMEOUT_S, env=env, cwd=REPO_ROOT,
+                    capture_output=True, text=True, timeout=HELPER_TIMEOUT_S, env=env, cwd=REPO,
                 )  # fmt: skip
             except subprocess.TimeoutExpired as exc:
                 results[scenario] = f"helper {scenario} timed out after {HELPER_TIMEOUT_S}s: {exc.stderr!r}"
@@ -329,7 +304,7 @@ HOSTILE = [
 
 def _triofwd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "triofwd", *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=REPO_ROOT, env=env
+        [sys.executable, "-m", "triofwd", *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=REPO, env=env
     )
 
 
