@@ -17,7 +17,7 @@ from ._dial import dialed
 from ._firstbytes import FirstBytes
 from ._proxy_protocol import encode_v1, encode_v2
 from ._pump import ReplayStream, TrafficStream, relay, run_watched, traffic_scopes
-from ._reasons import ConnectionEnded, Reason, deadline_means
+from ._reasons import ConnectionEnded, Reason, deadline_means, failure_means
 from ._tls import handshake
 
 if TYPE_CHECKING:
@@ -76,10 +76,8 @@ async def _send_proxy_header(version: str, conn: Connection, target: trio.Socket
         return
     source, destination = (conn.client_ip, conn.client_port), conn.local
     header = encode_v1(source, destination) if version == "v1" else encode_v2(source, destination)
-    try:
+    with failure_means(Reason.TARGET_RESET):
         await target.send_all(header)
-    except (trio.BrokenResourceError, OSError) as exc:
-        raise ConnectionEnded(Reason.TARGET_RESET, str(exc)) from exc
 
 
 async def forward(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
@@ -143,10 +141,8 @@ async def bridge(fwd: Forwarder, conn: Connection, client: trio.SocketStream, ro
     async with dialed(conn, route, fwd._targets_for(route)) as raw_target:
         await _send_proxy_header(route.proxy_protocol, conn, raw_target)
         sni = hello.server_name if hello else None
-        try:
+        with failure_means(Reason.TARGET_RESET):  # it reset since the dial (ENOTCONN)
             target_ip = str(raw_target.socket.getpeername()[0])
-        except OSError as exc:  # it reset since the dial (ENOTCONN)
-            raise ConnectionEnded(Reason.TARGET_RESET, str(exc)) from exc
         name = tls.target_name(sni, target_ip)
         target = trio.SSLStream(raw_target, tls.client_context(hello.alpn if hello else ()), server_hostname=name, https_compatible=True)
         with deadline_means(route.policy.connect_timeout, Reason.CONNECT_TIMEOUT):

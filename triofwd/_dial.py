@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ._table import CompiledRoute
     from ._targets import RouteTargets
 
-__all__ = ["connect_failure", "dialed", "format_address", "open_target"]
+__all__ = ["connect_failed", "connect_failure", "dialed", "format_address", "open_target"]
 
 log = logging.getLogger("triofwd.dial")
 
@@ -40,20 +40,23 @@ _RESET = {errno.ECONNRESET, errno.ENOTCONN}
 HAPPY_EYEBALLS_DELAY = 0.25
 
 
-def _leaf_errors(exc: BaseException) -> list[BaseException]:
-    """trio.open_tcp_stream reports "all attempts failed" as an OSError caused by a group."""
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        return [leaf for sub in cause.exceptions for leaf in _leaf_errors(sub)]
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaf_exceptions(sub)]
     return [exc]
 
 
-def connect_failure(exc: OSError) -> Reason:
+def connect_failure(exc: OSError | trio.TooSlowError) -> Reason:
     """The reason for a failed connect: dns_error, connect_refused, connect_timeout,
     target_reset, target_unreachable, or capacity when no socket could be made at all."""
+    if isinstance(exc, trio.TooSlowError):
+        return Reason.CONNECT_TIMEOUT
     if isinstance(exc, socket.gaierror):
         return Reason.DNS_ERROR
-    codes = {leaf.errno for leaf in _leaf_errors(exc) if isinstance(leaf, OSError)}
+    # trio.open_tcp_stream reports "all attempts failed" as an OSError caused by a group.
+    cause = exc.__cause__
+    leaves = _leaf_exceptions(cause) if isinstance(cause, BaseExceptionGroup) else [exc]
+    codes = {leaf.errno for leaf in leaves if isinstance(leaf, OSError)}
     if codes & _OUT_OF_RESOURCES:
         return Reason.CAPACITY
     if errno.ECONNREFUSED in codes:
@@ -141,9 +144,7 @@ async def dialed(
             warm = target.take_warm(began) if attempt is Attempt.NORMAL else None
             stream = warm or await open_target(host, port, route.policy.connect_timeout)
             peer = _reached(stream)
-        except trio.TooSlowError:
-            reason = Reason.CONNECT_TIMEOUT
-        except OSError as exc:
+        except (trio.TooSlowError, OSError) as exc:
             reason = connect_failure(exc)
         except BaseException:
             target.health.abandoned(attempt)  # cancelled: no verdict on the target
@@ -162,12 +163,18 @@ async def dialed(
                     target.health.succeeded()
             return
         detail = f"{target.name} failed ({reason})"
-        if reason is Reason.CAPACITY:
-            target.health.abandoned(attempt)  # out of fds here: not the target's fault
-        else:
-            target.health.failed(trio.current_time(), attempt)
+        connect_failed(target.health, reason, attempt)
         log.info("connection %d: %s", conn.id, detail)
     raise ConnectionEnded(failure or reason, detail)
+
+
+def connect_failed(health: TargetHealth, reason: Reason, attempt: Attempt = Attempt.NORMAL) -> None:
+    """A connect to the target failed with `reason`: against its health, unless the fault
+    was ours (capacity: out of fds here), which gives no verdict."""
+    if reason is Reason.CAPACITY:
+        health.abandoned(attempt)
+    else:
+        health.failed(trio.current_time(), attempt)
 
 
 def _report_end(health: TargetHealth, exc: BaseException) -> None:
@@ -180,8 +187,3 @@ def _report_end(health: TargetHealth, exc: BaseException) -> None:
     elif not all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
         health.succeeded()
 
-
-def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaf_exceptions(sub)]
-    return [exc]

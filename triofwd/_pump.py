@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._reasons import ConnectionEnded, Reason
+from ._reasons import ConnectionEnded, Reason, failure_means
 from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, SpliceError, copy_once, drain_pipe, lift_send_lowat, send_rest, shared_buffer, splice_once
 
 if TYPE_CHECKING:
@@ -38,15 +38,6 @@ PUMP_TASK = "triofwd pump client->target"
 IN = "in"  # client -> target (bytes_in)
 OUT = "out"  # target -> client (bytes_out)
 _RESET = {IN: (Reason.CLIENT_RESET, Reason.TARGET_RESET), OUT: (Reason.TARGET_RESET, Reason.CLIENT_RESET)}
-
-
-@contextlib.contextmanager
-def _failure_means(reason: Reason) -> Iterator[None]:
-    """Translate a stream failure (reset, broken pipe) into the connection's end."""
-    try:
-        yield
-    except (trio.BrokenResourceError, OSError) as exc:
-        raise ConnectionEnded(reason, str(exc.__cause__ or exc)) from exc
 
 
 class Traffic:
@@ -195,7 +186,7 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
     if not isinstance(dst, trio.abc.HalfCloseableStream):
         traffic.finish()
         return
-    with _failure_means(dst_failed):
+    with failure_means(dst_failed):
         await dst.send_eof()
     traffic.closed(direction)
 
@@ -203,12 +194,12 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
 async def _move_copied(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, direction: str) -> None:
     src_failed, dst_failed = _RESET[direction]
     while True:
-        with _failure_means(src_failed):
+        with failure_means(src_failed):
             data = await src.receive_some(COPY_CHUNK)
         if not data:
             return
         traffic.seen()
-        with _failure_means(dst_failed):
+        with failure_means(dst_failed):
             await dst.send_all(data)
         traffic.moved(direction, len(data))
 
@@ -224,7 +215,7 @@ async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stre
         traffic = Traffic(conn, nursery.cancel_scope, policy)
         traffic.seen()
         if initial:
-            with _failure_means(Reason.TARGET_RESET):
+            with failure_means(Reason.TARGET_RESET):
                 await target.send_all(initial)
             traffic.moved(IN, len(initial))
         if traffic.warn_after != math.inf:
@@ -298,17 +289,17 @@ class TrafficStream(ReplayStream):
         self.traffic = traffic
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        with _failure_means(Reason.CLIENT_RESET):
+        with failure_means(Reason.CLIENT_RESET):
             data = await super().receive_some(max_bytes)
         if data:
             self.traffic.moved(IN, len(data))
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with _failure_means(Reason.CLIENT_RESET):
+        with failure_means(Reason.CLIENT_RESET):
             await self.stream.send_all(data)
         self.traffic.moved(OUT, len(data))
 
     async def send_eof(self) -> None:
-        with _failure_means(Reason.CLIENT_RESET):
+        with failure_means(Reason.CLIENT_RESET):
             await self.stream.send_eof()

@@ -66,3 +66,12 @@ def deadline_at(deadline: float, reason: Reason) -> Iterator[trio.CancelScope]:
 def deadline_means(seconds: float, reason: Reason) -> contextlib.AbstractContextManager[trio.CancelScope]:
     """deadline_at, `seconds` from now."""
     return deadline_at(trio.current_time() + seconds, reason)
+
+
+@contextlib.contextmanager
+def failure_means(reason: Reason) -> Iterator[None]:
+    """Translate a stream or socket failure (reset, broken pipe) into the connection's end."""
+    try:
+        yield
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise ConnectionEnded(reason, str(exc.__cause__ or exc)) from exc

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._balance import Balancer
-from ._dial import connect_failure, format_address, open_target
+from ._dial import connect_failed, connect_failure, format_address, open_target
 from ._health import Circuit, CheckPolicy, TargetHealth
 from ._reasons import Reason
 
@@ -165,12 +165,8 @@ class RouteTargets:
             if len(target.warm) < self.route.warm:
                 try:
                     stream = await open_target(host, port, self.route.policy.connect_timeout)
-                except trio.TooSlowError:
-                    health.failed(trio.current_time())
-                    await trio.sleep(WARM_RETRY)
-                except OSError as exc:
-                    if connect_failure(exc) is not Reason.CAPACITY:  # out of fds here: not the target's fault
-                        health.failed(trio.current_time())
+                except (trio.TooSlowError, OSError) as exc:
+                    connect_failed(health, connect_failure(exc))
                     await trio.sleep(WARM_RETRY)
                 else:
                     if self.scope.cancel_called:  # closed while the connect finished: not ours to keep
