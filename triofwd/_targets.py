@@ -68,9 +68,14 @@ class Target:
         """A warm socket that passed its liveness check now, or None."""
         if not self.warm:
             return None
-        self.drop_stale(now)
-        stream = self.warm.popleft()[1] if self.warm else None
-        self.taken.set()  # the filler tops the pool up
+        stream = None
+        while self.warm and stream is None:
+            born, candidate = self.warm.popleft()
+            if now - born < WARM_MAX_AGE and alive(candidate.socket):
+                stream = candidate
+            else:
+                candidate.socket.close()
+        self.taken.set()  # the filler tops the pool up (and sweeps the rest)
         self.taken = trio.Event()
         return stream
 
