@@ -148,7 +148,7 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
         raw_src, raw_dst = src_sock._sock, dst_sock._sock  # noqa: SLF001 - the non-blocking stdlib sockets under trio's
         src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
         buffer = shared_buffer()
-        bulk = False
+        bulk = lifted = False
         try:
             while True:
                 waited = False
@@ -172,8 +172,9 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
                 if n == 0:
                     break
                 traffic.moved(direction, n)
-                if n >= SPLICE_AT and not bulk:
-                    lift_send_lowat(raw_dst)
+                if n >= SPLICE_AT and not lifted:
+                    lift_send_lowat(raw_dst)  # it stays lifted: once per direction
+                    lifted = True
                 bulk = n >= SPLICE_AT
                 if n < asked:
                     await trio.lowlevel.wait_readable(src_fd)  # src is drained: this wait is the chunk's trip
