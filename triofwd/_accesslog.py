@@ -40,9 +40,10 @@ class AccessLog:
         self.file = file
         self._encoder = msgspec.json.Encoder()
 
-    def write(self, conn: Connection, ended: float, duration: float) -> None:
+    def write(self, conn: Connection, duration: float) -> None:
+        """The line of a connection that ended after `duration` seconds."""
         record = AccessRecord(
-            ts=_iso(ended),
+            ts=_iso(conn.started + duration),
             id=conn.id,
             route=conn.route,
             client=conn.client,

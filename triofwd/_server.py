@@ -290,7 +290,7 @@ class Forwarder:
             self.stats_counters.record(conn)
             self._emit("close", conn)
             if self._access_log is not None:
-                self._access_log.write(conn, ended=conn.started + conn.age(), duration=conn.age())
+                self._access_log.write(conn, conn.age())
 
     def _listen(self, opened: dict[ListenKey, list[trio.SocketListener]]) -> None:
         """Hand each bound socket to an accept task; registered at once, so `addresses` is true on return."""
