@@ -222,6 +222,11 @@ def netns_prefix() -> list[str]:
     return prefix
 
 
+def run_triofwd(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """`python -m triofwd ...` run to completion from the repository, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "triofwd", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
 class Daemon:
     """`triofwd serve` as a real subprocess, JSON logs on stderr, stopped by pid."""
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os.path
 import pathlib
-import subprocess
-import sys
 import textwrap
 import tomllib
 
@@ -15,6 +12,7 @@ import msgspec
 import pytest
 import trio
 
+from tests.conftest import run_triofwd
 from triofwd._config import (
     ROUTE_OVERRIDES,
     TLS,
@@ -35,7 +33,6 @@ from triofwd._config import (
 from triofwd._health import CheckPolicy, CircuitPolicy
 from triofwd._table import compile_table
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def toml(text: str) -> Config:
@@ -799,18 +796,10 @@ def test_parse_ports_refuses(bad: str) -> None:
 # -- triofwd check --------------------------------------------------------------------
 
 
-def run_check(path: pathlib.Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "triofwd", "check", str(path)],
-        capture_output=True, text=True, timeout=30, cwd=REPO, env=env,
-    )
-
-
 def test_cli_check_good_file(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "routes.toml"
     path.write_text(SMALL_TOML)
-    result = run_check(path)
+    result = run_triofwd("check", str(path), timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok: 2 routes"
     assert "Traceback" not in result.stderr
@@ -822,7 +811,7 @@ def test_cli_check_bad_file(tmp_path: pathlib.Path) -> None:
         "settings:\n  connect_timeout: 5x\n"
         "routes:\n  - name: a\n    ports: [1]\n    targets: ['127.0.0.1:1']\n    client_ips: ['10.0.0.0/8', 'nope']\n"
     )
-    result = run_check(path)
+    result = run_triofwd("check", str(path), timeout=30)
     assert result.returncode == 1
     assert "ok:" not in result.stdout
     assert "Traceback" not in result.stderr
@@ -836,7 +825,7 @@ def test_cli_check_bad_file(tmp_path: pathlib.Path) -> None:
 def test_cli_check_shape_error(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "routes.toml"
     path.write_text(one_route() + '[[routes]]\nname = "b"\nports = [70000]\n')
-    result = run_check(path)
+    result = run_triofwd("check", str(path), timeout=30)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == f"{path}: Expected `int` <= 65535 - at `$.routes[1].ports[0]`"
@@ -844,7 +833,7 @@ def test_cli_check_shape_error(tmp_path: pathlib.Path) -> None:
 
 def test_cli_check_missing_file(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "missing.toml"
-    result = run_check(path)
+    result = run_triofwd("check", str(path), timeout=30)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(f"{path}: cannot read route file")
@@ -877,7 +866,7 @@ def test_target_host_with_newline_refused() -> None:
 def test_cli_check_empty_ports_no_traceback(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "routes.toml"
     path.write_text('[[routes]]\nname = "a"\nports = []\ntargets = ["127.0.0.1:1"]\n')
-    result = run_check(path)
+    result = run_triofwd("check", str(path), timeout=30)
     assert "Traceback" not in result.stderr
     assert result.returncode == 1
     assert result.stderr.strip() == f"{path}: a route needs at least one port - at `$.routes[0].ports`"

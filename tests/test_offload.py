@@ -37,12 +37,11 @@ import pytest
 import trio
 
 import triofwd
-from tests.conftest import REPO, netns_prefix
+from tests.conftest import REPO, netns_prefix, run_triofwd
 from triofwd._offload import OffloadError
 
 HELPER = Path(__file__).resolve().parent / "offload_netns_helper.py"
 HELPER_TIMEOUT_S = 60
-CLI_TIMEOUT_S = 20
 PAYLOAD = 20_480  # offload_netns_helper.PAYLOAD
 TARGET_A, TARGET_B = "9001", "9002"
 
@@ -302,12 +301,6 @@ HOSTILE = [
 ]
 
 
-def _triofwd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "triofwd", *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=REPO, env=env
-    )
-
-
 @pytest.fixture
 def fake_nft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A `nft` first on PATH that only records that it ran; returns its record file."""
@@ -357,7 +350,7 @@ HOSTILE_FILE_ERRORS = [
 def test_check_command_lists_every_hostile_value(tmp_path: Path, fake_nft: Path) -> None:
     path = tmp_path / "hostile.toml"
     path.write_text(HOSTILE_FILE)
-    result = _triofwd("check", str(path))
+    result = run_triofwd("check", str(path))
     assert result.returncode == 1, result
     assert result.stdout == ""
     assert result.stderr.splitlines() == [f"{path}: {line}" for line in HOSTILE_FILE_ERRORS]
@@ -367,7 +360,7 @@ def test_check_command_lists_every_hostile_value(tmp_path: Path, fake_nft: Path)
 def test_serve_refuses_hostile_values_before_nft_runs(tmp_path: Path, fake_nft: Path) -> None:
     path = tmp_path / "hostile.toml"
     path.write_text(HOSTILE_FILE)
-    result = _triofwd("serve", str(path))
+    result = run_triofwd("serve", str(path))
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr
     assert all(line in result.stderr for line in HOSTILE_FILE_ERRORS), result.stderr

@@ -14,7 +14,7 @@ import trio
 import trustme
 
 import triofwd
-from tests.conftest import AccessLogCapture, backend, config, echo, forwarder, receive_all, receive_exactly, route, split
+from tests.conftest import AccessLogCapture, backend, config, echo, forwarder, receive_all, receive_exactly, route, run_triofwd, split
 from triofwd._proxy_protocol import parse_proxy_header
 
 
@@ -296,13 +296,8 @@ async def test_tls_eof_from_the_target_ends_the_connection_promptly(ca: trustme.
 
 
 async def test_routes_examples_for_each_mode_pass_check() -> None:
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     for name in ("sni.toml", "bridge.toml", "proxy-protocol.yaml", "health.toml"):
-        result = await trio.to_thread.run_sync(functools.partial(subprocess.run, [sys.executable, "-m", "triofwd", "check", f"routes/{name}"], capture_output=True, text=True, cwd=REPO, timeout=20))
+        result = await trio.to_thread.run_sync(functools.partial(run_triofwd, "check", f"routes/{name}"))
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("ok: ")
 
