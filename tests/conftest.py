@@ -179,6 +179,13 @@ def refused_address() -> Iterator[str]:
         yield "127.0.0.1:%d" % sock.getsockname()[1]
 
 
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on now (connects are refused), free to listen on later."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextlib.contextmanager
 def black_hole() -> Iterator[str]:
     """An address whose SYNs are dropped: a listener with backlog 0, already full."""

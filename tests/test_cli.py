@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import REPO, Daemon, open_fds, roundtrip, run_triofwd, threaded_echo
+from tests.conftest import REPO, Daemon, free_port, open_fds, roundtrip, run_triofwd, threaded_echo
 
 
 def routes(target: str, *extra: str) -> str:
@@ -237,9 +237,7 @@ def test_offload_without_nft_and_without_fallback_exits_2_with_one_line(tmp_path
 @contextlib.contextmanager
 def demo_backend() -> Iterator[int]:
     """tools/demo_backend.py, as `make run` starts it, on a free port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "tools/demo_backend.py", "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == f"demo backend on http://127.0.0.1:{port}/\n"

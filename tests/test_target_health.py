@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import socket
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ import pytest
 import trio
 
 import triofwd
-from tests.conftest import AccessLogCapture, black_hole, config, connect, forwarder, receive_all, refused_address, route, rst_close, wait_for
+from tests.conftest import AccessLogCapture, backend, black_hole, config, connect, forwarder, free_port, receive_all, refused_address, route, rst_close, wait_for
 from tests.test_inspect import inspector
 from tests.test_metrics import parse_exposition, value
 
@@ -88,13 +87,6 @@ class Target:
         """Close the listener and every connection: connects are refused from now on."""
         assert self._scope is not None
         self._scope.cancel()
-
-
-def dead_port() -> int:
-    """A port nothing listens on (connects are refused) and that a Target may listen on later."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def ask(fwd: triofwd.Forwarder, name: str = "r") -> bytes:
@@ -171,7 +163,7 @@ async def test_a_protocol_check_takes_out_a_target_that_accepts_but_never_answer
 
 async def test_the_circuit_opens_its_backoff_doubles_to_the_cap_and_resets_when_the_probe_connects() -> None:
     log = AccessLogCapture()
-    port = dead_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     breaker = triofwd.CircuitBreaker(failures=2, backoff="100ms", max_backoff="400ms")
     with trio.fail_after(20):
@@ -209,18 +201,14 @@ async def test_a_target_that_resets_connections_opens_its_circuit() -> None:
     log = AccessLogCapture()
     breaker = triofwd.CircuitBreaker(failures=3, backoff="1m")
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(trio.serve_tcp, resets, 0, host="127.0.0.1"))
-            bad = "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
-            async with targets("good") as (_, (good,)):
-                cfg = config(route(targets=[bad, good.address], circuit_breaker=breaker, balance="first", connect_retries=0))
-                async with forwarder(cfg, access_log=log) as fwd:
-                    for _ in range(3):
-                        await ask(fwd)
-                    assert states(fwd)[bad]["circuit"] == "open"
-                    assert [await ask(fwd) for _ in range(3)] == [b"good"] * 3
-                    records = await log.wait(6)
-            nursery.cancel_scope.cancel()
+        async with backend(resets) as bad, targets("good") as (_, (good,)):
+            cfg = config(route(targets=[bad, good.address], circuit_breaker=breaker, balance="first", connect_retries=0))
+            async with forwarder(cfg, access_log=log) as fwd:
+                for _ in range(3):
+                    await ask(fwd)
+                assert states(fwd)[bad]["circuit"] == "open"
+                assert [await ask(fwd) for _ in range(3)] == [b"good"] * 3
+                records = await log.wait(6)
     assert [r["reason"] for r in records] == ["target_reset"] * 3 + ["normal"] * 3
 
 

@@ -14,7 +14,7 @@ import trio
 import trustme
 
 import triofwd
-from tests.conftest import AccessLogCapture, backend, config, echo, forwarder, receive_all, receive_exactly, route, run_triofwd, split
+from tests.conftest import AccessLogCapture, backend, config, echo, forwarder, free_port, receive_all, receive_exactly, refused_address, route, run_triofwd, split
 from triofwd._proxy_protocol import parse_proxy_header
 
 
@@ -35,12 +35,6 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     return ctx
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def tls_connect(address: str, ctx: ssl.SSLContext, name: str) -> trio.SSLStream:
@@ -234,10 +228,9 @@ async def test_bridge_to_an_external_terminator_carries_the_real_client(ca: trus
 
 
 async def test_an_unreachable_external_terminator_is_bridge_error() -> None:
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
+    with refused_address() as unused:
         log = AccessLogCapture()
-        cfg = config(route(action="bridge", bridge_to="127.0.0.1:%d" % unused.getsockname()[1], connect_retries=0))
+        cfg = config(route(action="bridge", bridge_to=unused, connect_retries=0))
         async with forwarder(cfg, access_log=log) as fwd:
             raw = await trio.open_tcp_stream(*split(fwd.addresses["r"][0]))
             secure = trio.SSLStream(raw, ssl.create_default_context(), server_hostname="x.example")
