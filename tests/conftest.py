@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import pathlib
+import resource
 import shutil
 import signal
 import socket
@@ -97,6 +98,14 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
         async for data in stream:
             buf += data
     return bytes(buf)
+
+
+async def receive_one_or_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    """One byte, or b"" at EOF (a reset counts as the end too)."""
+    try:
+        return await stream.receive_some(1)
+    except trio.BrokenResourceError:
+        return b""
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -204,6 +213,11 @@ def rst_close(stream: trio.SocketStream) -> None:
 
 def open_fds(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def limit_fds(n: int) -> Callable[[], None]:
+    """A preexec_fn that caps the child's RLIMIT_NOFILE, soft and hard, at `n`."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
 def netns_prefix() -> list[str]:

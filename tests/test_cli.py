@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import pathlib
-import resource
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import REPO, Daemon, free_port, open_fds, roundtrip, run_triofwd, threaded_echo
+from tests.conftest import REPO, Daemon, free_port, limit_fds, open_fds, roundtrip, run_triofwd, threaded_echo
 
 
 def routes(target: str, *extra: str) -> str:
@@ -116,14 +115,10 @@ def test_sigint_stops_too(daemon) -> None:
         assert d.wait() == 0
 
 
-def _limit_fds(n: int):
-    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
-
-
 def test_emfile_backs_off_with_one_warning_per_burst_and_recovers(daemon) -> None:
     """With few fds, accept() fails with EMFILE; the daemon must neither spin nor flood the log."""
     with threaded_echo() as target:
-        d = daemon(routes(target), preexec_fn=_limit_fds(64))
+        d = daemon(routes(target), preexec_fn=limit_fds(64))
         # The hard limit cannot be raised: the daemon says how many connections it can hold.
         [limit] = [e["msg"] for e in d.logs() if "open file limit" in e["msg"]]
         assert "(64) holds about 0 connections, fewer than max_connections = 10000" in limit

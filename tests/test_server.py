@@ -13,7 +13,7 @@ import trio.testing
 
 import triofwd
 from triofwd._splice import POOL
-from tests.conftest import AccessLogCapture, backend, config, connect, echo, forwarder, open_fds, receive_all, receive_exactly, route, rst_close, split
+from tests.conftest import AccessLogCapture, backend, config, connect, echo, forwarder, open_fds, receive_all, receive_exactly, receive_one_or_eof, route, rst_close, split
 
 
 def tagged(tag: bytes):
@@ -54,14 +54,7 @@ async def is_forwarded(client: trio.SocketStream) -> bool:
             await client.send_all(b"?")
         except trio.BrokenResourceError:
             return False
-        return await receive_all_or_one(client) == b"?"
-
-
-async def receive_all_or_one(client: trio.SocketStream) -> bytes:
-    try:
-        return await client.receive_some(1)
-    except trio.BrokenResourceError:
-        return b""
+        return await receive_one_or_eof(client) == b"?"
 
 
 # -- balancing ------------------------------------------------------------------------

@@ -8,14 +8,13 @@ the SIGTERM one checks what can be checked of a process that has exited.
 from __future__ import annotations
 
 import pathlib
-import resource
 import signal
 import textwrap
 import time
 
 import trio
 
-from tests.conftest import backend, echo, receive_all, receive_exactly
+from tests.conftest import backend, echo, limit_fds, receive_all, receive_exactly
 from tests.reliability.harness import fd_kinds, route_file, write_atomically
 
 GIVE_UP = 60  # no scenario here may take longer, whatever happens
@@ -35,10 +34,6 @@ async def close_cleanly(client: trio.SocketStream) -> None:
     async with client:
         await client.send_eof()
         assert await receive_all(client) == b""
-
-
-def limit_fds(n: int):
-    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
 async def test_out_of_file_descriptors_then_recovered(scenario) -> None:
