@@ -6,6 +6,7 @@ cleans up what it started (processes by pid).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -213,6 +214,23 @@ def rst_close(stream: trio.SocketStream) -> None:
 
 def open_fds(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_targets(pid: int | str = "self") -> dict[int, str]:
+    """Each open fd of a process and what it points at (/proc/PID/fd); one closed while we look is left out."""
+    targets = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile (for "self": the listing's own fd)
+            targets[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return targets
+
+
+def fd_kinds(pid: int | str = "self") -> collections.Counter[str]:
+    """A process's open fds by kind: "pipe", "socket", "anon_inode", "file"... (from /proc/PID/fd)."""
+    kinds: collections.Counter[str] = collections.Counter()
+    for target in fd_targets(pid).values():
+        kinds[target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"] += 1
+    return kinds
 
 
 def limit_fds(n: int) -> Callable[[], None]:

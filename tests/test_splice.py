@@ -9,7 +9,7 @@ import pytest
 import trio
 
 import triofwd._pump
-from tests.conftest import AccessLogCapture, backend, config, connect, echo, forwarder, receive_all, route
+from tests.conftest import AccessLogCapture, backend, config, connect, echo, fd_kinds, forwarder, receive_all, route
 from triofwd._splice import POOL
 
 
@@ -100,26 +100,16 @@ async def test_out_of_pipes_the_raw_path_copies_and_counts_the_same(monkeypatch:
 
 async def test_idle_connections_hold_no_pipe() -> None:
     """Pipes are borrowed per chunk: with traffic stopped, every pipe is back in the pool (or closed)."""
-    pipes_before = sum(1 for target in _fd_targets() if target.startswith("pipe:")) - 2 * len(POOL)
+    pipes_before = fd_kinds()["pipe"] - 2 * len(POOL)
     async with backend(echo) as target, forwarder(config(route(targets=[target]))) as fwd:
         clients = [await connect(fwd) for _ in range(20)]
         for client in clients:
             await client.send_all(b"ping")
             assert await client.receive_some() == b"ping"
         await trio.testing.wait_all_tasks_blocked()
-        pipes_open = sum(1 for target in _fd_targets() if target.startswith("pipe:"))
+        pipes_open = fd_kinds()["pipe"]
         # 20 idle connections hold no pipe: every pipe fd open is the pool's (2 fds each)
         assert pipes_open - 2 * len(POOL) == pipes_before
-
-
-def _fd_targets() -> list[str]:
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except FileNotFoundError:  # the directory listing's own fd
-            pass
-    return out
 
 
 def test_two_trio_runs_in_two_threads_do_not_share_a_copy_buffer() -> None:

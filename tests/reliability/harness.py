@@ -43,7 +43,7 @@ import trio
 import triofwd
 from triofwd._splice import POOL_LIMIT
 from triofwd._targets import alive
-from tests.conftest import Daemon, receive_all, receive_exactly, rst_close
+from tests.conftest import Daemon, fd_kinds, fd_targets, receive_all, receive_exactly, rst_close
 
 HERE = pathlib.Path(__file__).resolve().parent
 # On the daemon's PYTHONPATH: sitecustomize.py there injects DNS faults (names under .invalid).
@@ -63,16 +63,6 @@ def raise_own_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def fd_kinds(pid: int) -> collections.Counter[str]:
-    """The daemon's open fds by kind: "pipe", "socket", "file"... (from /proc/PID/fd)."""
-    kinds: collections.Counter[str] = collections.Counter()
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):  # closed while we looked
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
-            kinds[target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"] += 1
-    return kinds
 
 
 def rss_bytes(pid: int) -> int:
@@ -224,11 +214,7 @@ class Scenario:
         return self.summary
 
     def _fd_listing(self) -> list[str]:
-        out = []
-        for name in sorted(os.listdir(f"/proc/{self.pid}/fd"), key=int):
-            with contextlib.suppress(FileNotFoundError):
-                out.append(f"{name}->{os.readlink(f'/proc/{self.pid}/fd/{name}')}")
-        return out
+        return [f"{fd}->{target}" for fd, target in sorted(fd_targets(self.pid).items())]
 
     def check_records(self) -> Summary:
         """For a daemon that has exited: one access-log line per connection, expected reasons."""

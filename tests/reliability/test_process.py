@@ -14,8 +14,8 @@ import time
 
 import trio
 
-from tests.conftest import backend, echo, limit_fds, receive_all, receive_exactly
-from tests.reliability.harness import fd_kinds, route_file, write_atomically
+from tests.conftest import backend, echo, fd_kinds, limit_fds, receive_all, receive_exactly
+from tests.reliability.harness import route_file, write_atomically
 
 GIVE_UP = 60  # no scenario here may take longer, whatever happens
 
