@@ -183,8 +183,7 @@ class Scenario:
         """The five checks of the module docstring, and no unexpected error logged."""
         records = await self.settle()
         # 4. one line per connection, with an expected reason
-        assert len(records) == len(self.expected), f"{len(records)} access-log lines for {len(self.expected)} connections"
-        check_reasons(self.expected, records)
+        reasons = self._check_lines(records)
         # 5. stats count exactly the connections made
         stats = await self.control.request("stats")
         made = len(self.expected)
@@ -207,21 +206,25 @@ class Scenario:
         self.summary = Summary(
             connections=made,
             faults=self.faults,
-            reasons=dict(collections.Counter(r["reason"] for r in records)),
+            reasons=dict(reasons),
             rss_growth_mib=growth / MIB,
             seconds=time.monotonic() - self._started,
         )
         return self.summary
+
+    def _check_lines(self, records: list[dict[str, Any]]) -> collections.Counter[str]:
+        """4. one access-log line per connection, each with an expected reason; returns the reasons counted."""
+        assert len(records) == len(self.expected), f"{len(records)} access-log lines for {len(self.expected)} connections"
+        check_reasons(self.expected, records)
+        return collections.Counter(r["reason"] for r in records)
 
     def _fd_listing(self) -> list[str]:
         return [f"{fd}->{target}" for fd, target in sorted(fd_targets(self.pid).items())]
 
     def check_records(self) -> Summary:
         """For a daemon that has exited: one access-log line per connection, expected reasons."""
-        records = self.daemon.access_records()[self.base_records:]
-        assert len(records) == len(self.expected), f"{len(records)} access-log lines for {len(self.expected)} connections"
-        check_reasons(self.expected, records)
-        self.summary = Summary(len(self.expected), self.faults, dict(collections.Counter(r["reason"] for r in records)), 0.0, time.monotonic() - self._started)
+        reasons = self._check_lines(self.daemon.access_records()[self.base_records:])
+        self.summary = Summary(len(self.expected), self.faults, dict(reasons), 0.0, time.monotonic() - self._started)
         return self.summary
 
 
