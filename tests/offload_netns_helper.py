@@ -188,6 +188,22 @@ class Lines:
 # ------------------------------------------------------------------ embedded serve()
 
 
+async def greeted_echo(port: int) -> tuple[trio.SocketStream, bytes, bytes]:
+    """Connect, read the backend's greeting line, send PAYLOAD and read its echo; the
+    connection stays open for the caller."""
+    import trio
+
+    client = await trio.open_tcp_stream(HOST, port)
+    greeting = b""
+    while not greeting.endswith(b"\n"):
+        greeting += await client.receive_some(1)
+    await client.send_all(PAYLOAD)
+    echoed = b""
+    while len(echoed) < len(PAYLOAD):
+        echoed += await client.receive_some(65536)
+    return client, greeting, echoed
+
+
 def _config(target: int, **extra: Any) -> Any:
     import triofwd
 
@@ -230,14 +246,7 @@ async def _embedded(out: dict[str, Any], access: Lines) -> None:
         watched: list[dict[str, Any]] = []
         with fwd.watch() as events:
             with trio.fail_after(SOCKET_TIMEOUT_S):
-                client = await trio.open_tcp_stream(HOST, OFFLOAD_PORT)
-                greeting = b""
-                while not greeting.endswith(b"\n"):
-                    greeting += await client.receive_some(1)
-                await client.send_all(PAYLOAD)
-                echoed = b""
-                while len(echoed) < len(PAYLOAD):
-                    echoed += await client.receive_some(65536)
+                client, greeting, echoed = await greeted_echo(OFFLOAD_PORT)
             out["open_table_size"] = len(fwd.connections)
             await client.send_eof()
             with trio.fail_after(SOCKET_TIMEOUT_S):
@@ -366,14 +375,7 @@ async def fallback(workdir: Path) -> dict[str, Any]:
             )
             out["actions"] = {r.name: r.action for r in fwd.table.routes}
             with trio.fail_after(SOCKET_TIMEOUT_S):
-                client = await trio.open_tcp_stream(HOST, OFFLOAD_PORT)
-                greeting = b""
-                while not greeting.endswith(b"\n"):
-                    greeting += await client.receive_some(1)
-                await client.send_all(PAYLOAD)
-                echoed = b""
-                while len(echoed) < len(PAYLOAD):
-                    echoed += await client.receive_some(65536)
+                client, greeting, echoed = await greeted_echo(OFFLOAD_PORT)
             out["open_table"] = [{"route": c.route, "target": c.target, "state": c.state} for c in fwd.connections.values()]
             await client.send_eof()
             with trio.fail_after(SOCKET_TIMEOUT_S):
