@@ -870,3 +870,19 @@ def test_cli_check_empty_ports_no_traceback(tmp_path: pathlib.Path) -> None:
     assert "Traceback" not in result.stderr
     assert result.returncode == 1
     assert result.stderr.strip() == f"{path}: a route needs at least one port - at `$.routes[0].ports`"
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"action": '"reject"'}, 'proxy_protocol is the header sent to a target: action = "reject" dials none'),
+        ({"action": '"handler"', "handler": '"trio:sleep"'}, 'proxy_protocol is the header sent to a target: action = "handler" dials none'),
+        (
+            {"action": '"bridge"', "bridge_to": '"127.0.0.1:9443"'},
+            'proxy_protocol is not used with bridge_to = "host:port": the hop always carries PROXY v2, and the terminator there decides what its targets get',
+        ),
+    ],
+)
+def test_proxy_protocol_where_no_target_gets_it(keys: dict[str, str], message: str) -> None:
+    errors = errors_of(one_route(proxy_protocol='"v2"', **keys))
+    assert message + " - at `$.routes[0].proxy_protocol`" in errors

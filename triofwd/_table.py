@@ -9,6 +9,7 @@ the same checks. `RouteTable.match` picks the route for one connection.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import ipaddress
@@ -20,7 +21,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._config import ROUTE_OVERRIDES, Config, ConfigError, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
+from ._config import ROUTE_OVERRIDES, TLS, Config, ConfigError, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
 from ._health import CheckPolicy, CircuitPolicy
 from ._nft import ROUTE_NAME_RE, NftError, OffloadRule, check_rules, validate_rule
 from ._reasons import Reason
@@ -293,12 +294,18 @@ def _resolve_handler(spec: Any) -> Callable[..., Any]:
 
 def _check_choices(errors: _Errors, path: str, obj: Route | Settings) -> None:
     """A Config built in code skips msgspec's decoding: check its fixed-choice keys here too."""
-    hints = typing.get_type_hints(type(obj), include_extras=True)
-    for name, hint in hints.items():
-        choices = _literal_choices(hint)
+    for name, choices in _choices_of(type(obj)).items():
         value = getattr(obj, name)
-        if choices and value is not None and value not in choices:
+        if value is not None and value not in choices:
             errors.add(f"{path}.{name}", f"invalid value {value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+@functools.cache
+def _choices_of(struct: type) -> dict[str, tuple[Any, ...]]:
+    """The fixed-choice keys of a struct and their choices: read from its type hints once
+    (evaluating them was half the time of compiling a table of a thousand routes)."""
+    hints = typing.get_type_hints(struct, include_extras=True)
+    return {name: choices for name, hint in hints.items() if (choices := _literal_choices(hint))}
 
 
 def _literal_choices(hint: Any) -> tuple[Any, ...]:
@@ -309,8 +316,10 @@ def _literal_choices(hint: Any) -> tuple[Any, ...]:
     return ()
 
 
-def _compile_tls(errors: _Errors, path: str, route: Route) -> tuple[RouteTLS | None, tuple[str, int] | None]:
-    """TLS and bridge settings: which combinations make sense, and the contexts (certificates read now)."""
+def _compile_tls(errors: _Errors, path: str, route: Route, loaded: dict[tuple[str, ...], RouteTLS]) -> tuple[RouteTLS | None, tuple[str, int] | None]:
+    """TLS and bridge settings: which combinations make sense, and the contexts (certificates
+    read now; routes with the same TLS settings share one RouteTLS, so each file is read once
+    per compile however many routes name it)."""
     tls = route.tls
     bridge_to = None
     before = len(errors.lines)
@@ -325,7 +334,7 @@ def _compile_tls(errors: _Errors, path: str, route: Route) -> tuple[RouteTLS | N
     if tls.mode == "passthrough":
         if route.action == "bridge" and bridge_to is None:
             errors.add(f"{path}.tls.mode", 'the built-in terminator needs tls.mode = "terminate" or "reencrypt"')
-        return RouteTLS(tls), bridge_to
+        return _route_tls(tls, loaded), bridge_to
     if route.action != "bridge" or bridge_to is not None:
         errors.add(f"{path}.tls.mode", f'tls.mode = "{tls.mode}" needs action = "bridge" with bridge_to = "internal"')
         return None, bridge_to
@@ -337,11 +346,19 @@ def _compile_tls(errors: _Errors, path: str, route: Route) -> tuple[RouteTLS | N
     if len(errors.lines) > before:
         return None, bridge_to
     try:
-        return RouteTLS(tls), bridge_to
+        return _route_tls(tls, loaded), bridge_to
     except (OSError, ssl.SSLError) as exc:
         where = "target_ca" if tls.target_ca and tls.target_ca in str(exc) else "cert"
         errors.add(f"{path}.tls.{where}", f"cannot load TLS certificate or key: {getattr(exc, 'strerror', None) or exc}")
         return None, bridge_to
+
+
+def _route_tls(spec: TLS, loaded: dict[tuple[str, ...], RouteTLS]) -> RouteTLS:
+    key = tuple(getattr(spec, name) for name in spec.__struct_fields__)
+    found = loaded.get(key)
+    if found is None:
+        found = loaded[key] = RouteTLS(spec)
+    return found
 
 
 def _positive_duration(text: str) -> float:
@@ -395,6 +412,7 @@ def compile_table(config: Config) -> RouteTable:
 
     routes: list[CompiledRoute] = []
     seen: dict[str, int] = {}
+    tls_loaded: dict[tuple[str, ...], RouteTLS] = {}
     for i, route in enumerate(config.routes):
         path = f"$.routes[{i}]"
         if not isinstance(route.name, str) or not ROUTE_NAME_RE.fullmatch(route.name):
@@ -431,11 +449,15 @@ def compile_table(config: Config) -> RouteTable:
             errors.add(f"{path}.handler", 'handler is only used with action = "handler"')
         _check_offload_keys(errors, path, route)
         health, circuit = _compile_target_health(errors, path, route)
-        tls, bridge_to = _compile_tls(errors, path, route)
+        tls, bridge_to = _compile_tls(errors, path, route, tls_loaded)
         if bridge_to is not None:
             if route.targets:  # the external terminator has its own targets; ours would be ignored
                 errors.add(f"{path}.targets", "targets are not used with bridge_to = \"host:port\": the terminator there has its own")
             targets = (bridge_to,)  # the one hop this route dials
+        if route.proxy_protocol and route.action in ("reject", "handler"):
+            errors.add(f"{path}.proxy_protocol", f'proxy_protocol is the header sent to a target: action = "{route.action}" dials none')
+        elif route.proxy_protocol and bridge_to is not None:
+            errors.add(f"{path}.proxy_protocol", 'proxy_protocol is not used with bridge_to = "host:port": the hop always carries PROXY v2, and the terminator there decides what its targets get')
         if route.accept_proxy_protocol and not settings.trusted_proxies:
             errors.add(f"{path}.accept_proxy_protocol", "accept_proxy_protocol needs [settings] trusted_proxies: the addresses allowed to send the header")
         own = {key: getattr(route, key) for key in ROUTE_OVERRIDES}
