@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import pathlib
+import shutil
 import socket
 import ssl
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
 import triofwd
@@ -386,3 +389,83 @@ async def test_passthrough_delivers_the_clienthello_byte_for_byte() -> None:
             await target.done.wait()
             await client.aclose()
     assert target.received == [hello]
+
+
+@pytest.mark.parametrize("mode", ["terminate", "reencrypt"])
+async def test_a_refused_tls_client_hears_the_alert(ca: trustme.CA, tmp_path: pathlib.Path, mode: str) -> None:
+    """openssl s_client offering only TLS 1.1 to a route with min_version 1.2 is told why:
+    the protocol_version alert (70), as nginx sends it, not an unexpected EOF."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command line tool")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    tls = write_cert(ca, tmp_path, "secure.example")
+    tls.mode, tls.min_version = mode, "1.2"
+    if mode == "reencrypt":
+        tls.target_ca = str(tmp_path / "ca.pem")
+    log = AccessLogCapture()
+    async with tls_backend(ca, "secure.example", b"") as address, forwarder(config(route(action="bridge", targets=[address], tls=tls)), access_log=log) as fwd:
+        host, port = split(fwd.addresses["r"][0])
+        argv = ["openssl", "s_client", "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0", "-connect", f"{host}:{port}", "-servername", "secure.example"]
+        with trio.fail_after(10):
+            done = await trio.run_process(argv, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False)
+            [record] = await log.wait(1)
+    assert done.returncode != 0
+    assert b"alert protocol version" in done.stderr and b"alert number 70" in done.stderr, done.stderr
+    assert record["reason"] == "tls_error"
+
+
+async def test_reencrypt_tells_a_target_it_does_not_trust_why(ca: trustme.CA, tmp_path: pathlib.Path) -> None:
+    """A target whose certificate the route's target_ca does not vouch for gets the alert
+    (unknown_ca), then the connection ends tls_error."""
+    stranger = trustme.CA()
+    target_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    stranger.issue_cert("target.example").configure_cert(target_ctx)
+    seen: list[BaseException] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        secure = trio.SSLStream(stream, target_ctx, server_side=True)
+        try:
+            await secure.do_handshake()
+        except trio.BrokenResourceError as exc:
+            seen.append(exc.__cause__ or exc)
+        await stream.aclose()
+
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    tls = write_cert(ca, tmp_path, "front.example")
+    tls.mode, tls.target_ca, tls.target_sni = "reencrypt", str(tmp_path / "ca.pem"), "target.example"
+    log = AccessLogCapture()
+    async with backend(handler) as address, forwarder(config(route(action="bridge", targets=[address], tls=tls)), access_log=log) as fwd:
+        with trio.fail_after(10):
+            with pytest.raises(trio.BrokenResourceError):
+                await tls_connect(fwd.addresses["r"][0], client_context(ca), "front.example")
+            [record] = await log.wait(1)
+    assert record["reason"] == "tls_error"
+    assert len(seen) == 1 and "unknown ca" in str(seen[0]).lower(), seen
+
+
+async def test_unsent_output_holds_the_alert_after_a_failed_handshake(ca: trustme.CA) -> None:
+    """trio leaves the alert of a failed handshake in SSLStream's outgoing BIO; unsent_output
+    reads it from there. If trio changes that, this fails (and refused clients would hear nothing)."""
+    from triofwd._tls import unsent_output
+
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("x.example").configure_cert(server_ctx)
+    server_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    client_ctx = client_context(ca)
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    left, right = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(left, server_ctx, server_side=True)
+    client = trio.SSLStream(right, client_ctx, server_hostname="x.example")
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: _fails(client.do_handshake()))
+            with pytest.raises(trio.BrokenResourceError):
+                await server.do_handshake()
+            nursery.cancel_scope.cancel()
+    alert = unsent_output(server)
+    assert alert[:1] == b"\x15" and alert[-1:] == b"\x46", alert  # a TLS alert record: protocol_version (70)
+
+
+async def _fails(handshake: Awaitable[None]) -> None:
+    with contextlib.suppress(trio.BrokenResourceError):
+        await handshake

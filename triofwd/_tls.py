@@ -24,9 +24,11 @@ from ._reasons import ConnectionEnded, Reason
 if TYPE_CHECKING:
     from ._config import TLS
 
-__all__ = ["RouteTLS", "handshake"]
+__all__ = ["RouteTLS", "handshake", "unsent_output"]
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+# How long a peer whose handshake failed is given to take the alert that says why.
+ALERT_TIMEOUT = 1.0
 # Contexts per distinct ALPN list are cached; clients offer few distinct lists, but the
 # cache is bounded so that a client inventing lists cannot grow it without limit.
 MAX_CACHED_CONTEXTS = 32
@@ -92,6 +94,36 @@ def _handshake_errors(reset: Reason) -> Iterator[None]:
 
 
 async def handshake(stream: trio.SSLStream, *, peer_is_client: bool) -> None:
-    """Complete a handshake; a TLS failure ends the connection with tls_error, a reset with the peer's reset."""
-    with _handshake_errors(Reason.CLIENT_RESET if peer_is_client else Reason.TARGET_RESET):
-        await stream.do_handshake()
+    """Complete a handshake; a TLS failure ends the connection with tls_error, a reset with the peer's reset.
+
+    A peer refused by the TLS library (no shared version, a bad certificate) is first sent
+    the alert the library produced, as nginx and HAProxy do: it learns why (for example
+    `protocol_version`, alert 70) instead of seeing the connection just end.
+    """
+    try:
+        with _handshake_errors(Reason.CLIENT_RESET if peer_is_client else Reason.TARGET_RESET):
+            await stream.do_handshake()
+    except ConnectionEnded as ended:
+        if ended.reason is Reason.TLS_ERROR:
+            await _send_alert(stream)
+        raise
+
+
+def unsent_output(stream: trio.SSLStream) -> bytes:
+    """What the TLS library wrote that trio has not sent: after a failed handshake, the alert.
+
+    trio's SSLStream raises as soon as the library fails, leaving the alert in its outgoing
+    memory BIO (`_outgoing`, an ssl.MemoryBIO); tests/test_tls.py fails if that changes.
+    """
+    outgoing = getattr(stream, "_outgoing", None)
+    return outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+
+
+async def _send_alert(stream: trio.SSLStream) -> None:
+    alert = unsent_output(stream)
+    if alert:
+        with trio.move_on_after(ALERT_TIMEOUT):
+            try:
+                await stream.transport_stream.send_all(alert)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the peer is gone: nobody left to tell
