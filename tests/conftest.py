@@ -308,9 +308,11 @@ class Daemon:
         return split(self.listeners[name][0])
 
     def access_records(self) -> list[dict[str, Any]]:
+        """The lines written so far; a line still being written (no newline yet) is left for later."""
         if not self.access_log.exists():
             return []
-        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line]
+        complete, _, _ = self.access_log.read_text().rpartition("\n")
+        return [json.loads(line) for line in complete.splitlines() if line]
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import logging
+import time
 from typing import IO, TYPE_CHECKING
 
 import msgspec
@@ -11,6 +13,12 @@ if TYPE_CHECKING:
     from ._connection import Connection
 
 __all__ = ["AccessLog", "AccessRecord"]
+
+log = logging.getLogger("triofwd.accesslog")
+
+# A log that cannot be written (disk full, a closed pipe) is warned about at most this often;
+# the lines lost meanwhile are counted, and no connection is held up or ended by it.
+WARN_INTERVAL = 10.0
 
 
 class AccessRecord(msgspec.Struct, kw_only=True):
@@ -39,6 +47,8 @@ class AccessLog:
     def __init__(self, file: IO[str]) -> None:
         self.file = file
         self._encoder = msgspec.json.Encoder()
+        self.lost = 0  # lines that could not be written
+        self._warned_at = -WARN_INTERVAL
 
     def write(self, conn: Connection, duration: float) -> None:
         """The line of a connection that ended after `duration` seconds."""
@@ -56,5 +66,12 @@ class AccessLog:
             reason=str(conn.reason),
         )
         # One write per line, flushed: a reader (or a crash) never sees half a line.
-        self.file.write(self._encoder.encode(record).decode() + "\n")
-        self.file.flush()
+        try:
+            self.file.write(self._encoder.encode(record).decode() + "\n")
+            self.file.flush()
+        except (OSError, ValueError) as exc:  # ValueError: the file was closed
+            self.lost += 1
+            now = time.monotonic()
+            if now - self._warned_at >= WARN_INTERVAL:
+                self._warned_at = now
+                log.warning("cannot write the access log (%d lines lost so far): %s", self.lost, exc)

@@ -16,7 +16,7 @@ import trio
 from ._dial import dialed
 from ._firstbytes import FirstBytes
 from ._proxy_protocol import encode_v1, encode_v2
-from ._pump import ReplayStream, TrafficStream, relay, run_watched, traffic_scopes
+from ._pump import ReplayStream, TrafficStream, relay, traffic_nursery
 from ._reasons import ConnectionEnded, Reason, deadline_means, failure_means
 from ._tls import handshake
 
@@ -104,9 +104,9 @@ async def handle(fwd: Forwarder, conn: Connection, client: trio.SocketStream, ro
     info = HandlerInfo(conn.id, route.name, (conn.client_ip, conn.client_port), conn.local)
     set_tcp_keepalive(client, route.policy.tcp_keepalive)
     conn.state = "handler"
-    with traffic_scopes(conn, route.policy) as traffic:
-        stream = TrafficStream(client, traffic, first.data)
-        await run_watched(traffic, lambda: handler(stream, info))
+    async with traffic_nursery(conn, route.policy) as (traffic, _):
+        await handler(TrafficStream(client, traffic, first.data), info)
+        traffic.finish()  # the handler is done, and so is the connection (its warning with it)
 
 
 async def bridge(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:

@@ -16,6 +16,7 @@ through the same exits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -26,7 +27,7 @@ import trio
 from ._actions import ACTIONS
 from ._dial import format_address
 from ._firstbytes import FirstBytes, read_client_hello, read_proxy_header
-from ._reasons import ConnectionEnded, Reason, deadline_at
+from ._reasons import ConnectionEnded, Reason, deadline_at, leaves, reason_of
 from ._table import CompiledRoute, ListenKey
 
 if TYPE_CHECKING:
@@ -98,7 +99,13 @@ class Connection:
 
 
 async def run_connection(fwd: Forwarder, stream: trio.SocketStream, peer: tuple[Any, ...], listener: ListenKey) -> None:
-    """The whole life of one accepted connection. Never raises but Cancelled."""
+    """The whole life of one accepted connection.
+
+    The last line of defence: whatever happens inside — any exception, any nesting of
+    exception groups — ends this connection alone, with one recorded reason, and never
+    reaches the nursery of all connections. Only what is not the connection's to keep
+    leaves it: a cancellation from outside (the forwarder stopping) and KeyboardInterrupt.
+    """
     now = trio.current_time()
     conn = Connection(
         id=fwd._next_id(),
@@ -112,20 +119,41 @@ async def run_connection(fwd: Forwarder, stream: trio.SocketStream, peer: tuple[
     )
     with fwd._tracked(conn):
         try:
-            async with stream:
+            # Closed without an await (SocketStream.aclose ends with a checkpoint, whose
+            # Cancelled, while the forwarder stops, would replace what is on its way out).
+            with contextlib.closing(stream.socket):
                 with conn.scope:  # kill(), the first cause, and max_lifetime (its deadline)
                     await _serve(fwd, conn, stream, listener)
                 if conn.scope.cancelled_caught:
                     conn.settle(Reason.LIFETIME_EXCEEDED)  # kill() and end() record theirs before cancelling
-        except* trio.Cancelled:
-            # Cancelled from outside the connection's own scope: the forwarder is stopping.
-            conn.settle(Reason.SHUTDOWN)
-            raise
-        except* ConnectionEnded as group:
-            conn.settle(group.exceptions[0].reason)  # type: ignore[attr-defined]
-        except* Exception as group:
-            conn.settle(Reason.INTERNAL_ERROR)
-            log.error("connection %d: internal error", conn.id, exc_info=group)
+        except BaseException as exc:  # noqa: BLE001 - the boundary of one connection: see the docstring
+            escaping = _settle_from(conn, exc)
+            if escaping is exc:
+                raise
+            if escaping is not None:
+                raise escaping from None
+
+
+def _settle_from(conn: Connection, exc: BaseException) -> BaseException | None:
+    """Record the reason `exc` means for `conn`; return what must leave the connection, if anything.
+
+    Cannot fail: an error while reading the reason is itself an internal_error.
+    """
+    try:
+        reason = reason_of(exc)
+        conn.settle(reason)
+        if reason is Reason.INTERNAL_ERROR:
+            log.error("connection %d: internal error", conn.id, exc_info=exc)
+        found = list(leaves(exc))
+        interrupt = next((leaf for leaf in found if isinstance(leaf, KeyboardInterrupt)), None)
+        if interrupt is not None:
+            return interrupt
+        if all(isinstance(leaf, trio.Cancelled) for leaf in found):
+            return exc  # from outside the connection's own scope: the forwarder is stopping
+        return None
+    except BaseException:  # noqa: BLE001 - see the docstring
+        conn.settle(Reason.INTERNAL_ERROR)
+        return None
 
 
 async def _serve(fwd: Forwarder, conn: Connection, client: trio.SocketStream, listener: ListenKey) -> None:

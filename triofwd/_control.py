@@ -44,6 +44,7 @@ import trio_websocket
 from ._config import ConfigError
 from ._connection import Connection
 from ._metrics import prometheus_number, render_metrics
+from ._reasons import leaves
 from ._server import WATCH_BUFFER, Forwarder, ListenError
 from ._table import client_address
 
@@ -544,15 +545,21 @@ class ControlClient:
         # Messages that arrived while request() waited for its reply (watch events,
         # replies to requests sent with send()): receive() hands them out first.
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        # Tasks that share a client take turns: a reply read by one task while another
+        # waits for its own would otherwise leave that one waiting for good.
+        self._turn = trio.Lock()
 
     async def request(self, cmd: str, **args: Any) -> Any:
-        """Run one command; its result, or ControlError with the daemon's error text."""
-        request_id = await self.send(cmd, args)
-        while True:
-            message = await self._receive()
-            if "event" not in message and message.get("id") == request_id:
-                break
-            self._pending.append(message)
+        """Run one command; its result, or ControlError with the daemon's error text.
+
+        Safe to call from several tasks at once: they take turns."""
+        async with self._turn:
+            request_id = await self.send(cmd, args)
+            while True:
+                message = await self._receive()
+                if "event" not in message and message.get("id") == request_id:
+                    break
+                self._pending.append(message)
         if message.get("ok"):
             return message.get("result")
         raise ControlError(message.get("error") or "error")
@@ -647,26 +654,18 @@ async def _client_handshake(nursery: trio.Nursery, stream: trio.SocketStream) ->
 
 
 def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    leaves = list(_leaves(group))
+    found = list(leaves(group))
     # Ctrl-C lands in whichever task runs (often the WebSocket reader); what the other
     # tasks raise then is its consequence, so it is the one to report.
-    interrupts = [exc for exc in leaves if isinstance(exc, KeyboardInterrupt)]
+    interrupts = [exc for exc in found if isinstance(exc, KeyboardInterrupt)]
     if interrupts:
         return interrupts[0]
-    leaves = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)] or leaves
-    if len(leaves) != 1:
+    found = [exc for exc in found if not isinstance(exc, trio.Cancelled)] or found
+    if len(found) != 1:
         return group
-    exc = leaves[0]
+    exc = found[0]
     if isinstance(exc, trio_websocket.ConnectionRejected):
         return ControlConnectionError(f"the control socket refused this client (HTTP {exc.status_code})")
     if isinstance(exc, trio_websocket.HandshakeError):
         return ControlConnectionError(f"WebSocket handshake failed: {exc!r}")
     return exc
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._reasons import ConnectionEnded, Reason
+from ._reasons import ConnectionEnded, Reason, leaves
 
 from ._health import Attempt, TargetHealth
 
@@ -40,12 +40,6 @@ _RESET = {errno.ECONNRESET, errno.ENOTCONN}
 HAPPY_EYEBALLS_DELAY = 0.25
 
 
-def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaf_exceptions(sub)]
-    return [exc]
-
-
 def connect_failure(exc: OSError | trio.TooSlowError) -> Reason:
     """The reason for a failed connect: dns_error, connect_refused, connect_timeout,
     target_reset, target_unreachable, or capacity when no socket could be made at all."""
@@ -55,8 +49,8 @@ def connect_failure(exc: OSError | trio.TooSlowError) -> Reason:
         return Reason.DNS_ERROR
     # trio.open_tcp_stream reports "all attempts failed" as an OSError caused by a group.
     cause = exc.__cause__
-    leaves = _leaf_exceptions(cause) if isinstance(cause, BaseExceptionGroup) else [exc]
-    codes = {leaf.errno for leaf in leaves if isinstance(leaf, OSError)}
+    found = list(leaves(cause)) if isinstance(cause, BaseExceptionGroup) else [exc]
+    codes = {leaf.errno for leaf in found if isinstance(leaf, OSError)}
     if codes & _OUT_OF_RESOURCES:
         return Reason.CAPACITY
     if errno.ECONNREFUSED in codes:
@@ -153,14 +147,13 @@ async def dialed(
             conn.connect_time = trio.current_time() - began
             target.health.connected(attempt)
             conn.target = format_address(peer)
-            async with stream:
-                with targets.balancer.hold(index):
-                    try:
-                        yield stream
-                    except BaseException as exc:
-                        _report_end(target.health, exc)
-                        raise
-                    target.health.succeeded()
+            with contextlib.closing(stream.socket), targets.balancer.hold(index):  # closed without an await: see run_connection
+                try:
+                    yield stream
+                except BaseException as exc:
+                    _report_end(target.health, exc)
+                    raise
+                target.health.succeeded()
             return
         detail = f"{target.name} failed ({reason})"
         connect_failed(target.health, reason, attempt)
@@ -180,10 +173,10 @@ def connect_failed(health: TargetHealth, reason: Reason, attempt: Attempt = Atte
 def _report_end(health: TargetHealth, exc: BaseException) -> None:
     """A connection through the target ended with `exc`: one it ended with target_reset
     (the first cause, the reason recorded) counts against it."""
-    leaves = _leaf_exceptions(exc)
-    ended = next((leaf for leaf in leaves if isinstance(leaf, ConnectionEnded)), None)
+    found = list(leaves(exc))
+    ended = next((leaf for leaf in found if isinstance(leaf, ConnectionEnded)), None)
     if ended is not None and ended.reason is Reason.TARGET_RESET:
         health.failed(trio.current_time())
-    elif not all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
+    elif not all(isinstance(leaf, trio.Cancelled) for leaf in found):
         health.succeeded()
 

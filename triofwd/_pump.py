@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from functools import partial
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
     from ._connection import Connection
     from ._table import Policy
 
-__all__ = ["IN", "OUT", "ReplayStream", "Traffic", "TrafficStream", "relay", "run_watched", "traffic_scopes"]
+__all__ = ["IN", "OUT", "ReplayStream", "Traffic", "TrafficStream", "relay", "traffic_nursery"]
 
 log = logging.getLogger("triofwd.connection")
 
@@ -43,19 +42,24 @@ _RESET = {IN: (Reason.CLIENT_RESET, Reason.TARGET_RESET), OUT: (Reason.TARGET_RE
 class Traffic:
     """One connection's activity clock: bytes, and one scope for inactivity and half-close.
 
-    The scope's deadline is the earlier of "last byte + idle window" and "first EOF +
-    half_close_timeout"; one scope instead of two keeps an idle connection small.
+    The scope's deadline is the earlier of "last byte + inactivity_timeout" and "first EOF +
+    half_close_timeout"; one scope instead of two keeps an idle connection small. With
+    keepalive "extended" the idle limit is kept by `watch_extended` instead, a task beside
+    the work, so that the warning always comes first and the grace period after it is whole.
     """
 
-    __slots__ = ("conn", "scope", "window", "half_window", "half_deadline", "warn_after", "open_directions", "finished")
+    __slots__ = ("conn", "scope", "window", "half_window", "half_deadline", "warn_after", "grace", "open_directions", "finished")
 
     def __init__(self, conn: Connection, scope: trio.CancelScope, policy: Policy) -> None:
         self.conn = conn
         self.scope = scope
-        self.window = policy.idle_window
+        self.warn_after = policy.idle_warning_after
+        self.grace = policy.idle_window - self.warn_after
+        # The idle window the scope's deadline keeps: none for "immortal", and none for
+        # "extended", whose watcher keeps it.
+        self.window = policy.idle_window if self.warn_after == math.inf else math.inf
         self.half_window = policy.half_close_timeout
         self.half_deadline = math.inf
-        self.warn_after = policy.idle_warning_after
         self.open_directions = 2
         self.finished = False
 
@@ -75,7 +79,8 @@ class Traffic:
         self.seen()
 
     def closed(self, direction: str) -> None:
-        """`direction` finished with EOF. The first one starts the half-close clock.
+        """`direction` finished with EOF. The first one starts the half-close clock; the
+        second ends the traffic.
 
         An EOF is a packet from a live peer, so it counts as activity too.
         """
@@ -84,9 +89,12 @@ class Traffic:
             self.half_deadline = trio.current_time() + self.half_window
             self.scope.deadline = min(self.scope.deadline, self.half_deadline)
         self.seen()
+        if not self.open_directions:
+            self.finish()
 
     def finish(self) -> None:
-        """End the traffic normally now (an EOF toward a stream that cannot half-close)."""
+        """End the traffic normally now: both directions are done, a handler returned, or an
+        EOF came from or went toward a stream that cannot half-close (TLS)."""
         self.seen()
         self.finished = True
         self.scope.cancel()
@@ -97,23 +105,43 @@ class Traffic:
             return None
         return Reason.HALF_CLOSE_TIMEOUT if trio.current_time() >= self.half_deadline else Reason.INACTIVITY_TIMEOUT
 
-    async def warn_when_idle(self) -> None:
-        """keepalive = "extended": log one warning when the grace period starts."""
-        while (due := self.conn.last_activity + self.warn_after) > trio.current_time():
-            await trio.sleep_until(due)
-        log.warning(
-            "connection %d idle for %.0fs (keepalive extended): closing after a grace period of %.0fs unless traffic resumes",
-            self.conn.id, self.warn_after, self.window - self.warn_after,
-        )  # fmt: skip
+    async def watch_extended(self) -> None:
+        """keepalive = "extended": idle for `warn_after`, one warning is logged and a grace
+        period of the plain inactivity_timeout starts; traffic in it starts the watch over,
+        none ends the connection (inactivity_timeout). Times are taken when the task runs,
+        so a busy loop can delay the end but never skip the warning or shorten the grace."""
+        while True:
+            due = self.conn.last_activity + self.warn_after
+            if due > trio.current_time():
+                await trio.sleep_until(due)
+                continue
+            warned = trio.current_time()
+            log.warning(
+                "connection %d idle for %.0fs (keepalive extended): closing after a grace period of %.0fs unless traffic resumes",
+                self.conn.id, self.warn_after, self.grace,
+            )  # fmt: skip
+            await trio.sleep_until(warned + self.grace)
+            if self.conn.last_activity <= warned:
+                self.scope.cancel()  # expired(): inactivity_timeout
+                return
 
 
-@contextlib.contextmanager
-def traffic_scopes(conn: Connection, policy: Policy) -> Iterator[Traffic]:
-    """The traffic scope; leaving it by a deadline ends the connection (inactivity or half-close)."""
-    with trio.CancelScope() as scope:
-        traffic = Traffic(conn, scope, policy)
+@contextlib.asynccontextmanager
+async def traffic_nursery(conn: Connection, policy: Policy) -> AsyncIterator[tuple[Traffic, trio.Nursery]]:
+    """The one nursery of a connection's traffic: the relay's two pumps, or a handler.
+
+    Its cancel scope is the traffic scope, whose deadline is the inactivity (or half-close)
+    deadline, so an idle connection carries no extra scope. With keepalive "extended" its
+    watcher runs in it as a sibling task, cancelled when the traffic is over. Leaving it by
+    a deadline ends the connection (inactivity or half-close). The work ends the traffic
+    with `Traffic.finish()` (the relay does when both directions are closed).
+    """
+    async with trio.open_nursery() as nursery:
+        traffic = Traffic(conn, nursery.cancel_scope, policy)
         traffic.seen()
-        yield traffic
+        if traffic.warn_after != math.inf:
+            nursery.start_soon(traffic.watch_extended)
+        yield traffic, nursery
     reason = traffic.expired()
     if reason is not None:
         raise ConnectionEnded(reason)
@@ -131,9 +159,8 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
     sockets, trying each first and waiting only when it would block; small chunks are
     copied through one shared buffer and bulk is spliced (see _splice). Otherwise (TLS, a
     handler's stream) they are copied through the streams. Either way they are counted
-    and timed the same. A TLS stream has no write shutdown (trio's SSLStream cannot
-    half-close): an EOF toward one ends the whole connection, normally, once what was
-    read is delivered.
+    and timed the same. TLS cannot half-close: an EOF from or toward a TLS stream ends the
+    whole connection, normally, once what was read is delivered.
 
     On the raw path each chunk takes one trip through the scheduler, never more: a chunk
     that drained src (shorter than asked) is followed by the wait for src's next bytes,
@@ -184,7 +211,10 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
             raise ConnectionEnded(src_failed if exc.side == "src" else dst_failed, str(exc.error)) from exc
     else:
         await _move_copied(src, dst, traffic, direction)
-    if not isinstance(dst, trio.abc.HalfCloseableStream):
+    if not (isinstance(src, trio.abc.HalfCloseableStream) and isinstance(dst, trio.abc.HalfCloseableStream)):
+        # TLS cannot half-close (trio's SSLStream has no write shutdown, and one that read a
+        # TCP EOF can no longer send): an EOF from or toward a TLS stream ends the whole
+        # connection, normally, now that what was read is delivered.
         traffic.finish()
         return
     with failure_means(dst_failed):
@@ -200,51 +230,36 @@ async def _move_copied(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traf
         if not data:
             return
         traffic.seen()
-        with failure_means(dst_failed):
-            await dst.send_all(data)
+        try:
+            with failure_means(dst_failed):
+                await dst.send_all(data)
+        except ConnectionEnded as ended:
+            if _broken_before(ended):
+                traffic.finish()  # the other direction's EOF (or its failure, raised there) ends it
+                return
+            raise
         traffic.moved(direction, len(data))
 
 
-async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stream, policy: Policy, initial: bytes = b"") -> None:
-    """Bytes both ways until both directions are done, with `initial` sent to the target first.
+def _broken_before(ended: ConnectionEnded) -> bool:
+    """The send failed on a TLS stream that was broken before it began: trio breaks an
+    SSLStream when it reads a TCP EOF (no close_notify), and raises BrokenResourceError with
+    no cause when it is used after that. That is the peer's end, seen by the other direction,
+    not a new failure of this one."""
+    error = ended.__cause__
+    return isinstance(error, trio.BrokenResourceError) and error.__cause__ is None
 
-    The pumps' nursery's own cancel scope is the traffic scope: its deadline is the
-    inactivity (or half-close) deadline, so an idle connection carries no extra scope.
-    """
+
+async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stream, policy: Policy, initial: bytes = b"") -> None:
+    """Bytes both ways until both directions are done, with `initial` sent to the target first."""
     conn.path = "splice" if _spliceable(client, target) else "copy"
-    async with trio.open_nursery() as nursery:
-        traffic = Traffic(conn, nursery.cancel_scope, policy)
-        traffic.seen()
+    async with traffic_nursery(conn, policy) as (traffic, nursery):
         if initial:
             with failure_means(Reason.TARGET_RESET):
                 await target.send_all(initial)
             traffic.moved(IN, len(initial))
-        if traffic.warn_after != math.inf:
-            nursery.start_soon(run_watched, traffic, partial(pump, client, target, traffic, IN), partial(pump, target, client, traffic, OUT))
-        else:
-            nursery.start_soon(pump, client, target, traffic, IN, name=PUMP_TASK)
-            await pump(target, client, traffic, OUT)  # in this task: one task fewer per connection
-    reason = traffic.expired()
-    if reason is not None:
-        raise ConnectionEnded(reason)
-
-
-async def run_watched(traffic: Traffic, *jobs: Callable[[], Awaitable[object]]) -> None:
-    """Run `jobs` side by side; with keepalive "extended", warn once when the grace period starts."""
-    if traffic.warn_after == math.inf:
-        await _together(jobs)
-        return
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(traffic.warn_when_idle)
-        await _together(jobs)
-        nursery.cancel_scope.cancel()  # the work is done; the warning has nothing left to watch
-
-
-async def _together(jobs: Sequence[Callable[[], Awaitable[object]]]) -> None:
-    async with trio.open_nursery() as nursery:
-        for job in jobs[:-1]:
-            nursery.start_soon(job)
-        await jobs[-1]()  # the last runs in this task: one task fewer per connection
+        nursery.start_soon(pump, client, target, traffic, IN, name=PUMP_TASK)
+        await pump(target, client, traffic, OUT)  # in this task: one task fewer per connection
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):

@@ -54,6 +54,36 @@ class ConnectionEnded(Exception):
         self.detail = detail
 
 
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside `exc`, however deep its exception groups nest (`exc` itself if
+    it is no group). Iterative, so no nesting depth can make the walk itself fail."""
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(reversed(current.exceptions))
+        else:
+            yield current
+
+
+def reason_of(exc: BaseException) -> Reason:
+    """The reason a connection ended with, read from what its scopes raised, at any depth.
+
+    A bug (any exception that is not a ConnectionEnded nor trio's Cancelled) is
+    internal_error, even beside a ConnectionEnded: it must be seen. Otherwise the first
+    ConnectionEnded names the reason; only cancellations from outside mean shutdown.
+    """
+    ended: Reason | None = None
+    for leaf in leaves(exc):
+        if isinstance(leaf, ConnectionEnded):
+            ended = ended or leaf.reason
+        elif isinstance(leaf, KeyboardInterrupt):
+            return Reason.SHUTDOWN  # the operator stops the program: not a bug of this connection
+        elif not isinstance(leaf, trio.Cancelled):
+            return Reason.INTERNAL_ERROR
+    return ended or Reason.SHUTDOWN
+
+
 @contextlib.contextmanager
 def deadline_at(deadline: float, reason: Reason) -> Iterator[trio.CancelScope]:
     """A scope ending at `deadline`; if the deadline ends the block, the connection ends with `reason`."""

@@ -15,7 +15,7 @@ import itertools
 import logging
 import math
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import trio
@@ -36,10 +36,9 @@ __all__ = ["Forwarder", "ListenError", "serve"]
 
 log = logging.getLogger("triofwd")
 
-# accept() errors that mean "out of a resource right now" (trio's serve_listeners uses
-# the same set): back off instead of spinning on a listener that stays readable. Any other
-# unexpected accept error is treated the same way rather than ending the listener.
-ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# After an accept() error that is not the pending connection's own (out of fds or memory,
+# or anything unexpected), wait this long: the listener stays readable, so retrying at once
+# would spin.
 ACCEPT_BACKOFF = 0.1
 ACCEPT_WARN_INTERVAL = 10.0
 # A watcher (the control socket's `watch`) that falls this many events behind is dropped,
@@ -51,8 +50,19 @@ OFFLOAD_COUNTERS_EVERY = 2.0
 # Connections taken from the backlog per wakeup of an accept loop before it yields anyway.
 ACCEPT_BATCH = 32
 
-# accept() errors that concern only the connection being accepted (accept(2), "Error handling").
-ACCEPT_IGNORED_ERRNOS = {errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+# accept() errors that concern only the connection being accepted: accept(2), "Error
+# handling": Linux passes already-pending network errors of the new socket on as accept's
+# own error, to be treated like EAGAIN and retried (EPERM: a firewall rule refused it).
+# The list is trio's (_ignorable_accept_errno_names in trio/_highlevel_socket.py); names a
+# platform lacks are skipped.
+ACCEPT_IGNORED_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
 
 
 @dataclasses.dataclass(eq=False)
@@ -287,10 +297,12 @@ class Forwarder:
             del self._connections[conn.id]
             conn.settle(Reason.NORMAL)
             conn.state = "closed"
-            self.stats_counters.record(conn)
-            self._emit("close", conn)
+            # Each record of the end on its own: one that fails must neither end the others
+            # (the daemon) nor keep the rest from being written.
+            _recorded(self.stats_counters.record, conn)
+            _recorded(self._emit, "close", conn)
             if self._access_log is not None:
-                self._access_log.write(conn, conn.age())
+                _recorded(self._access_log.write, conn, conn.age())
 
     def _listen(self, opened: dict[ListenKey, list[trio.SocketListener]]) -> None:
         """Hand each bound socket to an accept task; registered at once, so `addresses` is true on return."""
@@ -347,6 +359,13 @@ class Forwarder:
                 entries.remove(entry)
                 if not entries:
                     del self._listeners[entry.key]
+
+
+def _recorded(record: Callable[..., object], *args: Any) -> None:
+    try:
+        record(*args)
+    except Exception:  # noqa: BLE001 - see _tracked
+        log.exception("recording the end of a connection failed (%s)", getattr(record, "__qualname__", record))
 
 
 def _accept_ready(listener: trio.socket.SocketType) -> tuple[trio.socket.SocketType, Any] | None:
@@ -406,24 +425,28 @@ async def serve(
     (reason `shutdown`).
     """
     table = compile_table(config)
-    async with kernel_rules() as kernel:  # offload rules: installed here, removed on every way out
-        table = await kernel.prepare(table)
-        opened = await _bind_all(list(table.by_listener), optional=_offload_only(table))
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as listening:
-                fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel)
-                try:
-                    fwd._keep_targets(table)
-                    fwd._listen(opened)
-                    listening.start_soon(fwd._keep_offload_counters_fresh)
-                    log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
-                    task_status.started(fwd)
-                    await fwd._stop.wait()
-                    log.info("shutting down: %d connections open", len(fwd._connections))
-                    listening.cancel_scope.cancel()
-                finally:
-                    fwd._close_targets()  # health checks stop, warm sockets close: none outlives serve
-            grace = fwd._grace if fwd._grace is not None else fwd._table.shutdown_grace
-            connections.cancel_scope.deadline = trio.current_time() + grace
-    log.info("stopped")
-    fwd._stopped.set()
+    fwd: Forwarder | None = None
+    try:
+        async with kernel_rules() as kernel:  # offload rules: installed here, removed on every way out
+            table = await kernel.prepare(table)
+            opened = await _bind_all(list(table.by_listener), optional=_offload_only(table))
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as listening:
+                    fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel)
+                    try:
+                        fwd._keep_targets(table)
+                        fwd._listen(opened)
+                        listening.start_soon(fwd._keep_offload_counters_fresh)
+                        log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
+                        task_status.started(fwd)
+                        await fwd._stop.wait()
+                        log.info("shutting down: %d connections open", len(fwd._connections))
+                        listening.cancel_scope.cancel()
+                    finally:
+                        fwd._close_targets()  # health checks stop, warm sockets close: none outlives serve
+                grace = fwd._grace if fwd._grace is not None else fwd._table.shutdown_grace
+                connections.cancel_scope.deadline = trio.current_time() + grace
+        log.info("stopped")
+    finally:
+        if fwd is not None:
+            fwd._stopped.set()  # on every way out: a waiter must not outlive serve()

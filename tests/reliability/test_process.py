@@ -14,7 +14,7 @@ import time
 
 import trio
 
-from tests.conftest import backend, echo, fd_kinds, limit_fds, receive_all, receive_exactly
+from tests.conftest import backend, echo, fd_kinds, limit_fds, receive_all, receive_exactly, rst_close
 from tests.reliability.harness import route_file, write_atomically
 
 GIVE_UP = 60  # no scenario here may take longer, whatever happens
@@ -202,3 +202,39 @@ async def test_handler_routes_whose_handler_raises(scenario, tmp_path: pathlib.P
             assert len(errors) == count * 3 // 4
             assert all(e["msg"].startswith("connection ") and "internal error" in e["msg"] for e in errors)
             s.faults = count * 3 // 4
+
+
+ECHO_HANDLER = '''
+async def echo(stream, info):
+    async for data in stream:
+        await stream.send_all(data)
+'''
+
+
+async def test_extended_keepalive_routes_whose_clients_reset(scenario, tmp_path: pathlib.Path) -> None:
+    """keepalive = "extended" on a forward and a handler route, clients that send a few
+    bytes and reset: each ends `client_reset` (the relay's nested nurseries once made the
+    daemon exit with status 1 and log the reset as `normal`), and the daemon serves on."""
+    count = 60
+    (tmp_path / "rel_echo_handler.py").write_text(ECHO_HANDLER)
+    async with backend(echo) as target:
+        text = route_file(
+            {"keepalive": "extended"},
+            {"name": "ext", "targets": [target]},
+            {"name": "ext_handler", "action": "handler", "handler": "rel_echo_handler:echo"},
+        )
+        async with scenario(text, paths=[tmp_path]) as s:
+
+            async def one(i: int) -> None:
+                client = await s.open("ext" if i % 2 else "ext_handler", expect="client_reset")
+                assert await roundtrip(client, b"a few bytes")
+                rst_close(client)
+
+            with trio.fail_after(GIVE_UP):
+                await s.many(count, one)
+                for name in ("ext", "ext_handler"):
+                    client = await s.open(name, expect="normal")
+                    assert await roundtrip(client)
+                    await close_cleanly(client)
+            assert s.daemon.proc.poll() is None
+            s.faults = count
