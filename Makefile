@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench check clean system-deps soak fuzz
+.PHONY: run test bench check clean system-deps soak fuzz matrix
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench: $(STAMP)
 SOAK_ARGS ?= --minutes 30
 soak: $(STAMP)
 	$(PY) tools/soak.py $(SOAK_ARGS)
+
+# The feature matrix alone, with its summary (it runs in `make test` too). A sample:
+# make matrix MATRIX_ENV="TRIOFWD_MATRIX_SAMPLE=200"; replay one: TRIOFWD_MATRIX_SEED=...
+MATRIX_ENV ?=
+matrix: $(STAMP)
+	$(MATRIX_ENV) $(PY) -m pytest -q -s tests/reliability/test_matrix.py
 
 # Fuzzing with atheris (libFuzzer for Python): the route-file loader, the ClientHello parser,
 # the PROXY codec and control messages, side by side and unbounded until Ctrl-C or the first
