@@ -292,3 +292,42 @@ async def test_churn_leaves_an_empty_table_and_no_extra_file_descriptors() -> No
     assert stats["routes"]["r"]["total"] == total
     # a reset racing a normal close may legitimately be seen as either; most must be told apart right
     assert stats["terminations"].get("target_reset", 0) >= kinds.count("target_reset") * 0.9
+
+
+def test_accept_ignores_the_errors_trio_ignores() -> None:
+    """The pending connection's own errors (accept(2), "Error handling") are trio's list:
+    none of them may cost the listener a back-off. If trio's list changes, so must ours."""
+    from trio._highlevel_socket import _ignorable_accept_errnos
+
+    from triofwd._server import ACCEPT_IGNORED_ERRNOS
+
+    assert ACCEPT_IGNORED_ERRNOS == _ignorable_accept_errnos
+    import errno
+
+    assert {errno.ENETDOWN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED, errno.EPERM} <= ACCEPT_IGNORED_ERRNOS
+    assert not {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM} & ACCEPT_IGNORED_ERRNOS  # ours: back off
+
+
+async def test_wait_stopped_returns_when_serve_raises() -> None:
+    """serve() that ends by raising (a KeyboardInterrupt from a handler) still releases
+    whoever waits for it to stop."""
+
+    async def interrupts(stream: trio.abc.Stream, info: triofwd.HandlerInfo) -> None:
+        raise KeyboardInterrupt
+
+    stopped = trio.Event()
+    async with trio.open_nursery() as outer:
+        with pytest.raises(BaseExceptionGroup) as raised:
+            async with trio.open_nursery() as nursery:
+                fwd = await nursery.start(lambda task_status: triofwd.serve(config(route(action="handler", handler=interrupts)), task_status=task_status))
+
+                async def wait_then_say() -> None:
+                    await fwd.wait_stopped()
+                    stopped.set()
+
+                outer.start_soon(wait_then_say)
+                (await connect(fwd)).socket.close()
+                await trio.sleep_forever()
+        assert raised.value.subgroup(KeyboardInterrupt) is not None
+        with trio.fail_after(5):
+            await stopped.wait()
