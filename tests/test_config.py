@@ -13,23 +13,9 @@ import pytest
 import trio
 
 from tests.conftest import run_triofwd
-from triofwd._config import (
-    ROUTE_OVERRIDES,
-    TLS,
-    CircuitBreaker,
-    Config,
-    ConfigError,
-    HealthCheck,
-    Route,
-    Settings,
-    load_config,
-    parse_cidr,
-    parse_config,
-    parse_duration,
-    parse_ports,
-    parse_rate,
-    parse_target,
-)
+from triofwd._config import ROUTE_OVERRIDES, TLS, CircuitBreaker, Config, HealthCheck, Route, Settings, parse_cidr, parse_config, parse_duration, parse_ports, parse_rate, parse_target
+from triofwd._table import load_config
+from triofwd._errors import ConfigError
 from triofwd._health import CheckPolicy, CircuitPolicy
 from triofwd._table import compile_table
 

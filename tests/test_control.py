@@ -19,7 +19,8 @@ import trio
 
 import triofwd
 from tests.conftest import backend, config, connect, echo, forwarder, receive_all, receive_exactly, roundtrip, route, split, threaded_echo, wait_for
-from triofwd._control import MAX_REQUEST_BYTES, WS_MAX_MESSAGE_BYTES, ControlConnectionError, ControlServer, bind_control_socket
+from triofwd._control import MAX_REQUEST_BYTES, WS_MAX_MESSAGE_BYTES, ControlServer, bind_control_socket
+from triofwd._errors import ControlConnectionError
 
 
 @contextlib.asynccontextmanager

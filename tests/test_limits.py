@@ -7,8 +7,9 @@ import contextlib
 import pytest
 
 from triofwd._limits import SWEEP_AT, Gate, RateLimiter
-from triofwd._reasons import ConnectionEnded, Reason
-from triofwd._table import Limits
+from triofwd._reasons import Reason
+from triofwd._errors import ConnectionEnded
+from triofwd._limits import Limits
 
 
 def refused(gate: Gate, ip: str, now: float = 0.0) -> Reason:

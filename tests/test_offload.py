@@ -38,7 +38,7 @@ import trio
 
 import triofwd
 from tests.conftest import REPO, netns_prefix, run_triofwd
-from triofwd._offload import OffloadError
+from triofwd._errors import OffloadError
 
 HELPER = Path(__file__).resolve().parent / "offload_netns_helper.py"
 HELPER_TIMEOUT_S = 60

@@ -9,10 +9,11 @@ import pytest
 import trio
 import trio.testing
 
-from triofwd._connection import Connection
+from triofwd._record import Connection
 from triofwd._pump import relay
-from triofwd._reasons import ConnectionEnded, Reason
-from triofwd._table import Policy
+from triofwd._reasons import Reason
+from triofwd._errors import ConnectionEnded
+from triofwd._policy import Policy
 
 HOUR = 3600.0
 

@@ -299,7 +299,7 @@ def test_accept_ignores_the_errors_trio_ignores() -> None:
     none of them may cost the listener a back-off. If trio's list changes, so must ours."""
     from trio._highlevel_socket import _ignorable_accept_errnos
 
-    from triofwd._server import ACCEPT_IGNORED_ERRNOS
+    from triofwd._listeners import ACCEPT_IGNORED_ERRNOS
 
     assert ACCEPT_IGNORED_ERRNOS == _ignorable_accept_errnos
     import errno

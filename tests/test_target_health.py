@@ -287,20 +287,20 @@ async def test_reload_keeps_the_state_of_targets_that_did_not_change() -> None:
             async with forwarder(cfg) as fwd:
                 await wait_for(lambda: not states(fwd)[a.address]["up"] and states(fwd)[b.address]["warm"] == 1)
                 before = states(fwd)
-                kept = fwd._targets["r"]
+                kept = fwd._context.targets.get("r")
                 pooled = kept.targets[1].warm[0][1]
                 await fwd.reload(cfg)  # nothing changed: the same state, nothing restarted
-                assert fwd._targets["r"] is kept
+                assert fwd._context.targets.get("r") is kept
                 await fwd.reload(config(route(targets=[a.address, b.address, c.address], health_check=checks, warm=1)))
                 after = states(fwd)
-                assert fwd._targets["r"] is not kept
+                assert fwd._context.targets.get("r") is not kept
                 assert not after[a.address]["up"] and after[a.address]["checks_failed"] >= before[a.address]["checks_failed"]
-                assert fwd._targets["r"].targets[1].warm[0][1] is pooled  # b's warm socket carried over, not reconnected
+                assert fwd._context.targets.get("r").targets[1].warm[0][1] is pooled  # b's warm socket carried over, not reconnected
                 assert after[c.address]["up"] and after[c.address]["checks_failed"] == 0
                 await wait_for(lambda: states(fwd)[c.address]["warm"] == 1)
                 assert b.abandoned == c.abandoned == 0
                 await fwd.reload(config(route(targets=[c.address])))  # a and b gone: b's warm socket is closed
-                assert list(states(fwd)) == [c.address] and not fwd._targets["r"].watched
+                assert list(states(fwd)) == [c.address] and not fwd._context.targets.get("r").watched
                 await wait_for(lambda: b.abandoned == 1)
             await wait_for(lambda: c.abandoned == 1)  # c's, when the forwarder stopped
 

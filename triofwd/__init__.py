@@ -11,14 +11,19 @@
 
 from __future__ import annotations
 
-from ._config import TLS, CircuitBreaker, Config, ConfigError, HealthCheck, Route, Settings, load_config, parse_config
+from ._config import TLS, CircuitBreaker, Config, HealthCheck, Route, Settings, parse_config
+from ._table import load_config
+from ._errors import ConfigError
 from ._actions import HandlerInfo
-from ._connection import Connection
-from ._control import ControlError, metrics_text, open_control, serve_control
+from ._record import Connection
+from ._control import metrics_text, open_control, serve_control
+from ._errors import ControlError
 from ._metrics_http import serve_metrics
-from ._offload import OffloadError
-from ._reasons import ConnectionEnded, Reason
-from ._server import Forwarder, ListenError, serve
+from ._errors import OffloadError
+from ._reasons import Reason
+from ._errors import ConnectionEnded
+from ._server import Forwarder, serve
+from ._errors import ListenError
 
 __all__ = [
     "TLS",

@@ -10,7 +10,7 @@ from typing import IO, TYPE_CHECKING
 import msgspec
 
 if TYPE_CHECKING:
-    from ._connection import Connection
+    from ._record import Connection
 
 __all__ = ["AccessLog", "AccessRecord"]
 

@@ -1,7 +1,10 @@
-"""What a route does with a connection: forward, bridge, reject, handler.
+"""What a route does with a connection, by the kind its table fixed: forward, bridge_to,
+terminate, reencrypt, handler, reject, offload.
 
 Each action runs inside the connection's scopes (lifetime, limits) and raises
-ConnectionEnded for any end other than a normal one.
+ConnectionEnded for any end other than a normal one. Every kind that dials goes through
+one sequence, `_dial_and_relay`: dial (connect_timeout, retries over the targets), the
+PROXY header, the TLS handshakes where TLS ends here, established, relay.
 """
 
 from __future__ import annotations
@@ -9,25 +12,25 @@ from __future__ import annotations
 import math
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import trio
 
+from ._context import ConnectionContext
 from ._dial import dialed
+from ._errors import ConnectionEnded
 from ._firstbytes import FirstBytes
 from ._proxy_protocol import encode_v1, encode_v2
 from ._pump import ReplayStream, TrafficStream, relay, traffic_nursery
-from ._reasons import ConnectionEnded, Reason, deadline_means, failure_means
+from ._reasons import Reason, deadline_means, failure_means
+from ._record import Connection
+from ._table import CompiledRoute
 from ._tls import handshake
-
-if TYPE_CHECKING:
-    from ._connection import Connection
-    from ._server import Forwarder
-    from ._table import CompiledRoute
 
 __all__ = ["ACTIONS", "HandlerInfo"]
 
-Action = Callable[["Forwarder", "Connection", trio.SocketStream, "CompiledRoute", FirstBytes], Awaitable[None]]
+Action = Callable[[ConnectionContext, Connection, trio.SocketStream, CompiledRoute, FirstBytes], Awaitable[None]]
+# What the TLS to a target and back makes of the raw target: (the client side, the target side).
+Upgrade = Callable[[trio.SocketStream], Awaitable[tuple[trio.abc.Stream, trio.abc.Stream]]]
 
 # Kernel keep-alive (tcp_keepalive): probe every IDLE/KEEPALIVE_PROBE_DIVISOR seconds
 # after IDLE seconds of silence, and give up after KEEPALIVE_PROBES unanswered probes.
@@ -70,7 +73,7 @@ def _established(conn: Connection, route: CompiledRoute, *streams: trio.SocketSt
     conn.state = "established"
 
 
-async def _send_proxy_header(version: str, conn: Connection, target: trio.SocketStream) -> None:
+async def _send_proxy_header(version: str, conn: Connection, target: trio.abc.Stream) -> None:
     """The PROXY header (v1/v2) that tells the target who the real client is."""
     if not version:
         return
@@ -80,26 +83,91 @@ async def _send_proxy_header(version: str, conn: Connection, target: trio.Socket
         await target.send_all(header)
 
 
-async def forward(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
-    """Bytes both ways between the client and a target; the first bytes already read go first."""
-    async with dialed(conn, route, fwd._targets_for(route)) as target:
+async def _dial_and_relay(
+    ctx: ConnectionContext,
+    conn: Connection,
+    route: CompiledRoute,
+    client: trio.SocketStream,
+    client_side: trio.abc.Stream,
+    initial: bytes = b"",
+    *,
+    header: str | None = None,
+    failure: Reason | None = None,
+    upgrade: Upgrade | None = None,
+) -> trio.abc.Stream:
+    """The one sequence of every route that dials: dial, the PROXY header (`header`, else the
+    route's), `upgrade` (TLS to the target, then to the client), established, relay (with
+    `initial`, the bytes already read, sent first). Returns the client side it relayed."""
+    async with dialed(conn, route, ctx.targets.for_route(route), failure=failure) as target:
+        await _send_proxy_header(route.proxy_protocol if header is None else header, conn, target)
+        target_side: trio.abc.Stream = target
+        if upgrade is not None:
+            client_side, target_side = await upgrade(target)
         _established(conn, route, client, target)
-        await _send_proxy_header(route.proxy_protocol, conn, target)
-        await relay(conn, client, target, route.policy, first.data)
+        await relay(conn, client_side, target_side, route.policy, initial)
+    return client_side
 
 
-async def offloaded(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+async def forward(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+    """Bytes both ways between the client and a target; the first bytes already read go first."""
+    await _dial_and_relay(ctx, conn, route, client, client, first.data)
+
+
+async def bridge_to(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+    """The connection, ClientHello and all, to an external TLS terminator, told the real
+    client by a PROXY v2 header on the hop; one that cannot be reached is bridge_error."""
+    await _dial_and_relay(ctx, conn, route, client, client, first.data, header="v2", failure=Reason.BRIDGE_ERROR)
+
+
+async def terminate(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+    """The built-in terminator, inside the connection's own scopes (no loopback hop, so
+    nothing to leak): the client's handshake, bounded by initial_data_timeout (tls_error if
+    it fails), then plaintext to a target."""
+    assert route.tls is not None  # compile_table: a terminate route has its TLS
+    secure = trio.SSLStream(ReplayStream(client, first.data), route.tls.server_context(), server_side=True, https_compatible=True)
+    conn.state = "handshake"
+    with deadline_means(route.policy.initial_data_timeout, Reason.INITIAL_DATA_TIMEOUT):
+        await handshake(secure, peer_is_client=True)
+    await _dial_and_relay(ctx, conn, route, client, secure)
+    await _close_notify(secure)
+
+
+async def reencrypt(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+    """The built-in terminator, re-encrypting: TLS to the target first (verified against
+    target_ca for target_sni, else the client's SNI; within connect_timeout), with the
+    client's ALPN offer, then the client's handshake answered with the target's choice."""
+    tls = route.tls
+    assert tls is not None  # compile_table: a reencrypt route has its TLS
+    hello = first.hello
+    conn.state = "handshake"
+
+    async def upgrade(raw_target: trio.SocketStream) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+        with failure_means(Reason.TARGET_RESET):  # it reset since the dial (ENOTCONN)
+            target_ip = str(raw_target.socket.getpeername()[0])
+        name = tls.target_name(hello.server_name if hello else None, target_ip)
+        target = trio.SSLStream(raw_target, tls.client_context(hello.alpn if hello else ()), server_hostname=name, https_compatible=True)
+        with deadline_means(route.policy.connect_timeout, Reason.CONNECT_TIMEOUT):
+            await handshake(target, peer_is_client=False)
+        secure = trio.SSLStream(ReplayStream(client, first.data), tls.server_context(target.selected_alpn_protocol()), server_side=True, https_compatible=True)
+        with deadline_means(route.policy.initial_data_timeout, Reason.INITIAL_DATA_TIMEOUT):
+            await handshake(secure, peer_is_client=True)
+        return secure, target
+
+    await _close_notify(await _dial_and_relay(ctx, conn, route, client, client, upgrade=upgrade))
+
+
+async def offloaded(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
     """The kernel should have taken this connection; one that reaches us is closed and counted."""
     raise ConnectionEnded(Reason.OFFLOADED)
 
 
-async def reject(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+async def reject(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
     raise ConnectionEnded(Reason.REJECTED)
 
 
-async def handle(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+async def handle(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
     """A handler callable owns the connection, inside the same scopes and counters."""
-    assert route.handler is not None  # compile_table guarantees it for action = "handler"
+    assert route.handler is not None  # compile_table: a handler route has its callable
     handler = route.handler
     info = HandlerInfo(conn.id, route.name, (conn.client_ip, conn.client_port), conn.local)
     set_tcp_keepalive(client, route.policy.tcp_keepalive)
@@ -109,53 +177,7 @@ async def handle(fwd: Forwarder, conn: Connection, client: trio.SocketStream, ro
         traffic.finish()  # the handler is done, and so is the connection (its warning with it)
 
 
-async def bridge(fwd: Forwarder, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
-    """Hand the connection, ClientHello and all, to a TLS terminator.
-
-    bridge_to = "host:port": an external terminator, told the real client by a PROXY v2
-    header on the hop; it cannot be reached: bridge_error. The built-in terminator runs
-    here, inside the connection's own scopes (no loopback hop, so nothing to leak): the
-    handshake is bounded by initial_data_timeout and a failed one is tls_error.
-    """
-    if route.bridge_to is not None:
-        async with dialed(conn, route, fwd._targets_for(route), failure=Reason.BRIDGE_ERROR) as hop:
-            _established(conn, route, client, hop)
-            await _send_proxy_header("v2", conn, hop)
-            await relay(conn, client, hop, route.policy, first.data)
-        return
-    tls = route.tls
-    assert tls is not None  # compile_table guarantees it for the built-in terminator
-    hello = first.hello
-    from_client = ReplayStream(client, first.data)
-    conn.state = "handshake"
-    if tls.mode == "terminate":
-        secure = trio.SSLStream(from_client, tls.server_context(), server_side=True, https_compatible=True)
-        with deadline_means(route.policy.initial_data_timeout, Reason.INITIAL_DATA_TIMEOUT):
-            await handshake(secure, peer_is_client=True)
-        async with dialed(conn, route, fwd._targets_for(route)) as target:
-            _established(conn, route, client, target)
-            await _send_proxy_header(route.proxy_protocol, conn, target)
-            await relay(conn, secure, target, route.policy)
-            await _close_notify(secure)
-        return
-    async with dialed(conn, route, fwd._targets_for(route)) as raw_target:
-        await _send_proxy_header(route.proxy_protocol, conn, raw_target)
-        sni = hello.server_name if hello else None
-        with failure_means(Reason.TARGET_RESET):  # it reset since the dial (ENOTCONN)
-            target_ip = str(raw_target.socket.getpeername()[0])
-        name = tls.target_name(sni, target_ip)
-        target = trio.SSLStream(raw_target, tls.client_context(hello.alpn if hello else ()), server_hostname=name, https_compatible=True)
-        with deadline_means(route.policy.connect_timeout, Reason.CONNECT_TIMEOUT):
-            await handshake(target, peer_is_client=False)
-        secure = trio.SSLStream(from_client, tls.server_context(target.selected_alpn_protocol()), server_side=True, https_compatible=True)
-        with deadline_means(route.policy.initial_data_timeout, Reason.INITIAL_DATA_TIMEOUT):
-            await handshake(secure, peer_is_client=True)
-        _established(conn, route, client, raw_target)
-        await relay(conn, secure, target, route.policy)
-        await _close_notify(secure)
-
-
-async def _close_notify(stream: trio.SSLStream) -> None:
+async def _close_notify(stream: trio.abc.Stream) -> None:
     """At a normal end, tell the TLS client so (close_notify), so it sees a clean EOF."""
     with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
         try:
@@ -164,4 +186,12 @@ async def _close_notify(stream: trio.SSLStream) -> None:
             pass  # the client is already gone: nothing left to tell it
 
 
-ACTIONS: dict[str, Action] = {"forward": forward, "reject": reject, "handler": handle, "bridge": bridge, "offload": offloaded}
+ACTIONS: dict[str, Action] = {
+    "forward": forward,
+    "bridge_to": bridge_to,
+    "terminate": terminate,
+    "reencrypt": reencrypt,
+    "handler": handle,
+    "reject": reject,
+    "offload": offloaded,
+}

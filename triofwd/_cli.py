@@ -21,13 +21,14 @@ from typing import IO
 
 import trio
 
-from ._config import ConfigError, load_config
+from ._errors import ConfigError
 from ._control import ControlServer, bind_control_socket, metrics_text
 from ._log import setup_logging
 from ._metrics_http import bind_metrics, serve_metrics_on
 from ._offload import ruleset_text
-from ._server import Forwarder, ListenError, serve
-from ._table import compile_table
+from ._server import Forwarder, serve
+from ._errors import ListenError
+from ._table import load_table
 
 __all__ = ["main"]
 
@@ -71,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(path: str, show_nft: bool) -> int:
     try:
-        config = load_config(path)
+        table = load_table(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(f"{path}: {line}", file=sys.stderr)
         return EXIT_INVALID
     if show_nft:
-        print(ruleset_text(compile_table(config)), end="")
-    print(f"ok: {len(config.routes)} routes")
+        print(ruleset_text(table), end="")
+    print(f"ok: {len(table.routes)} routes")
     return 0
 
 
@@ -153,9 +154,10 @@ def _parse_host_port(text: str) -> tuple[str | None, int]:
 
 async def _serve(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.routefile)
+        table = load_table(args.routefile)
     except ConfigError as exc:
         return _fail(str(exc))
+    config = table.config
     metrics_address = None
     if args.metrics:
         try:
@@ -184,7 +186,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 resources.callback(listener.socket.close)
             async with trio.open_nursery() as nursery:
                 try:
-                    fwd: Forwarder = await nursery.start(lambda task_status: serve(config, access_log=access_log, task_status=task_status))
+                    fwd: Forwarder = await nursery.start(lambda task_status: serve(table, access_log=access_log, task_status=task_status))
                 except (ListenError, ConfigError) as exc:
                     return _fail(str(exc))
                 _warn_fd_limit(fd_limit, config.settings.max_connections)  # once serving: start-up errors stay one line
@@ -213,7 +215,7 @@ def _reloader(fwd: Forwarder, path: str) -> Callable[[], Awaitable[dict[str, lis
 
     async def reload() -> dict[str, list[str]]:
         async with lock:
-            return await fwd.reload(load_config(path))
+            return await fwd.reload(load_table(path))
 
     return reload
 

@@ -3,7 +3,8 @@
 msgspec checks the *shape* of a route file (types, ranges, unknown keys) and reports
 the path of the bad value. What msgspec cannot express — durations, rates, CIDRs,
 targets, cross-route rules — is checked when the file is compiled into a route table
-(`triofwd._table.compile_table`), with errors in the same "message - at `$.path`" form.
+(`triofwd._table.compile_table`, the layer above), with errors in the same
+"message - at `$.path`" form. This module is the schema and the value parsers only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ._errors import ConfigError
+
 __all__ = [
     "CircuitBreaker",
     "Config",
@@ -24,8 +27,8 @@ __all__ = [
     "Route",
     "Settings",
     "TLS",
-    "load_config",
     "parse_config",
+    "read_config",
 ]
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -39,20 +42,7 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class ConfigError(Exception):
-    """A route file (or a Config built in code) that cannot be served.
-
-    `errors` holds one line per problem, each naming the path of the bad value.
-    """
-
-    def __init__(self, errors: list[str], source: str = "") -> None:
-        self.errors = errors
-        self.source = source
-        where = f"{source}: " if source else ""
-        super().__init__(where + "; ".join(errors))
-
-
-class _Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class _Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, weakref=True):
     pass
 
 
@@ -181,15 +171,13 @@ def parse_config(data: bytes | str, suffix: str, source: str = "") -> Config:
         raise ConfigError([f"invalid {suffix.lstrip('.').upper()}: {exc}"], source) from None
 
 
-def load_config(path: str | pathlib.Path) -> Config:
-    """Read and validate a route file (TOML, YAML or JSON by its extension).
+def read_config(path: str | pathlib.Path) -> Config:
+    """Read a route file (TOML, YAML or JSON by its extension) into its typed structures.
 
-    Raises ConfigError naming the file and the path of each bad value. The result is
-    also checked semantically (durations, CIDRs, targets...), so a Config returned here
-    can be served.
+    Raises ConfigError naming the file and the path of each value of the wrong shape. What
+    the shape cannot say (durations, CIDRs, targets, certificates, cross-route rules) is
+    checked when the table is compiled (`triofwd.load_config` does both).
     """
-    from ._table import compile_table  # the semantic checks live with the compiler
-
     path = pathlib.Path(path)
     try:
         data = path.read_bytes()
@@ -197,10 +185,6 @@ def load_config(path: str | pathlib.Path) -> Config:
         raise ConfigError([f"cannot read route file: {exc.strerror or exc}"], str(path)) from None
     config = parse_config(data, path.suffix, str(path))
     _resolve_paths(config, path.parent)
-    try:
-        compile_table(config)
-    except ConfigError as exc:
-        raise ConfigError(exc.errors, str(path)) from None
     return config
 
 

@@ -41,12 +41,13 @@ import msgspec
 import trio
 import trio_websocket
 
-from ._config import ConfigError
-from ._connection import Connection
+from ._errors import ConfigError, ControlConnectionError, ControlError
+from ._record import Connection
 from ._metrics import prometheus_number, render_metrics
 from ._reasons import leaves
-from ._server import WATCH_BUFFER, Forwarder, ListenError
-from ._table import client_address
+from ._server import WATCH_BUFFER, Forwarder
+from ._errors import ListenError
+from ._addresses import client_address
 
 __all__ = [
     "ControlClient",
@@ -139,14 +140,6 @@ _encoder = msgspec.json.Encoder()
 # What a malformed message raises: msgspec reports bytes that are not UTF-8 inside a JSON
 # string as UnicodeDecodeError, not DecodeError (found by fuzz/fuzz_control.py).
 _UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError)
-
-
-class ControlError(Exception):
-    """The daemon answered a request with ok: false; the text is its error."""
-
-
-class ControlConnectionError(ConnectionError):
-    """The control connection could not be opened, or it closed."""
 
 
 class _CommandError(Exception):

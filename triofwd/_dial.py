@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._reasons import ConnectionEnded, Reason, leaves
+from ._reasons import Reason, leaves
+from ._addresses import format_address
+from ._errors import ConnectionEnded
 
 from ._health import Attempt, TargetHealth
 
 if TYPE_CHECKING:
-    from ._connection import Connection
+    from ._record import Connection
     from ._table import CompiledRoute
     from ._targets import RouteTargets
 
@@ -60,12 +62,6 @@ def connect_failure(exc: OSError | trio.TooSlowError) -> Reason:
     if codes & _TIMEOUT:
         return Reason.CONNECT_TIMEOUT
     return Reason.TARGET_UNREACHABLE
-
-
-def format_address(address: tuple[object, ...]) -> str:
-    """'ip:port', with IPv6 in brackets."""
-    host, port = str(address[0]), address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _literal_family(host: str) -> int | None:

@@ -13,7 +13,8 @@ import trio
 
 from ._clienthello import ClientHello, ClientHelloError, parse_client_hello
 from ._proxy_protocol import ProxyHeader, ProxyHeaderError, parse_proxy_header
-from ._reasons import ConnectionEnded, Reason
+from ._reasons import Reason
+from ._errors import ConnectionEnded
 
 __all__ = ["FirstBytes", "read_client_hello", "read_proxy_header"]
 

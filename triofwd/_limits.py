@@ -7,16 +7,30 @@ as a `with` block runs, so a count can never drift from the connections that exi
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable
 
-from ._reasons import ConnectionEnded, Reason
-from ._table import Limits
+from ._reasons import Reason
+from ._errors import ConnectionEnded
 
-__all__ = ["Gate", "Held", "RateLimiter"]
+__all__ = ["Gate", "Held", "Limits", "RateLimiter"]
 
 # Rate buckets that are full again carry no information; they are swept once the map
 # holds this many, so a flood of distinct addresses cannot grow memory without bound.
 SWEEP_AT = 4096
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Connection limits; 0 / None mean off."""
+
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    connection_rate_per_ip: tuple[int, float] | None = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.max_connections or self.max_connections_per_ip or self.connection_rate_per_ip)
 
 
 class RateLimiter:

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import h11
 import trio
 
-from ._dial import format_address
+from ._addresses import format_address
 from ._metrics import CONTENT_TYPE
-from ._server import ListenError
+from ._errors import ListenError
 
 __all__ = ["bind_metrics", "serve_metrics", "serve_metrics_on"]
 

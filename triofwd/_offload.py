@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from . import _nft
-from ._errors import ListenError
+from ._errors import OffloadError
 from ._table import RouteTable, offload_rules, with_routes
 
 __all__ = ["KernelRules", "OffloadError", "kernel_rules", "ruleset_text"]
@@ -25,17 +25,6 @@ log = logging.getLogger("triofwd.offload")
 
 # Removing the rules at exit is shielded from cancellation (it must happen) but bounded.
 REMOVE_TIMEOUT = 10.0
-
-
-class OffloadError(ListenError):
-    """Offload routes that cannot be installed (nft missing or not permitted) and have no fallback.
-
-    A kind of ListenError: like a port that cannot be bound, it is a resource the forwarder
-    was told to take up and cannot, so start-up fails (exit 2) and a reload keeps the old table.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(0, message)
 
 
 def ruleset_text(table: RouteTable) -> str:
@@ -85,7 +74,7 @@ class KernelRules:
             log.warning("route %s: nftables unavailable (%s): forwarding in user space instead", route.name, problem)
         if self.installed:
             await self.remove()
-        return with_routes(table, [dataclasses.replace(r, action="forward") if r.action == "offload" else r for r in table.routes])
+        return with_routes(table, [dataclasses.replace(r, action="forward", kind="forward") if r.kind == "offload" else r for r in table.routes])
 
     async def _apply(self, rules: list[_nft.OffloadRule]) -> None:
         if self.installed and self._rules:

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._reasons import ConnectionEnded, Reason, failure_means
+from ._reasons import Reason, failure_means
+from ._errors import ConnectionEnded
 from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, SpliceError, copy_once, drain_pipe, lift_send_lowat, send_rest, shared_buffer, splice_once
 
 if TYPE_CHECKING:
-    from ._connection import Connection
-    from ._table import Policy
+    from ._record import Connection
+    from ._policy import Policy
 
 __all__ = ["IN", "OUT", "ReplayStream", "Traffic", "TrafficStream", "relay", "traffic_nursery"]
 

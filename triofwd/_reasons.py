@@ -12,6 +12,10 @@ from collections.abc import Iterator
 
 import trio
 
+from ._errors import ConnectionEnded
+
+__all__ = ["Reason", "deadline_at", "deadline_means", "failure_means", "leaves", "reason_of"]
+
 
 class Reason(enum.StrEnum):
     """Why a connection ended."""
@@ -39,19 +43,6 @@ class Reason(enum.StrEnum):
     KILLED = "killed"
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal_error"
-
-
-class ConnectionEnded(Exception):
-    """Raised inside a connection's scopes to end it with `reason`.
-
-    Errors are translated into this at the layer boundary (the pump, the dial, the
-    route table), so the code that records an ending sees a reason, never an errno.
-    """
-
-    def __init__(self, reason: Reason, detail: str = "") -> None:
-        super().__init__(reason.value if not detail else f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def leaves(exc: BaseException) -> Iterator[BaseException]:

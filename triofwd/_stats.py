@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._connection import Connection
+    from ._record import Connection
 
 __all__ = ["CONNECT_BUCKETS", "Stats", "UNROUTED"]
 

@@ -13,76 +13,40 @@ import functools
 import importlib
 import inspect
 import ipaddress
+import contextlib
 import math
+import pathlib
 import re
 import ssl
 import types
 import typing
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._config import ROUTE_OVERRIDES, TLS, Config, ConfigError, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
+import msgspec
+
+from ._addresses import IPNetwork, ListenKey, client_address, in_any
+from ._config import ROUTE_OVERRIDES, TLS, Config, Route, Settings, read_config, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
+from ._errors import ConfigError
 from ._health import CheckPolicy, CircuitPolicy
+from ._limits import Limits
+from ._policy import DURATION_KEYS, Policy
 from ._nft import ROUTE_NAME_RE, NftError, OffloadRule, check_rules, validate_rule
 from ._reasons import Reason
 from ._tls import RouteTLS
 
-__all__ = ["CompiledRoute", "ListenKey", "Policy", "RouteTable", "compile_table"]
+__all__ = ["CompiledRoute", "RouteTable", "as_table", "compile_table", "load_config", "load_table"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# (bind address, port, owner). owner is "" for a port shared by every route that names
-# it; for port 0 it is the route's name, because each such route gets its own
-# ephemeral port (what tests and embedders use).
-ListenKey = tuple[str, int, str]
+# What a route does with a connection, decided when the table is compiled: action =
+# "bridge" is one of three things, by where the TLS ends.
+BRIDGES = ("terminate", "reencrypt", "bridge_to")
+DIALING = ("forward", *BRIDGES)
+KINDS = (*DIALING, "handler", "reject", "offload")
 
 # Route names appear in logs, metric labels and (offload) nftables rules: keep them plain.
 DOMAIN_PATTERN_RE = re.compile(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Policy:
-    """A route's effective timeouts and keepalive treatment, in seconds (math.inf = off)."""
-
-    connect_timeout: float
-    initial_data_timeout: float
-    inactivity_timeout: float
-    half_close_timeout: float
-    max_lifetime: float
-    keepalive: str
-    keepalive_multiplier: int
-    tcp_keepalive: float
-
-    @property
-    def idle_warning_after(self) -> float:
-        """extended keepalive: idle this long, a warning is logged and the grace period starts."""
-        if self.keepalive != "extended":
-            return math.inf
-        return self.inactivity_timeout * self.keepalive_multiplier
-
-    @property
-    def idle_window(self) -> float:
-        """How long a connection may go without a byte in either direction."""
-        if self.keepalive == "immortal":
-            return math.inf
-        if self.keepalive == "extended":
-            # One grace period of the plain inactivity_timeout after the warning.
-            return self.idle_warning_after + self.inactivity_timeout
-        return self.inactivity_timeout
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Limits:
-    """Connection limits; 0 / None mean off."""
-
-    max_connections: int = 0
-    max_connections_per_ip: int = 0
-    connection_rate_per_ip: tuple[int, float] | None = None
-
-    @property
-    def any(self) -> bool:
-        return bool(self.max_connections or self.max_connections_per_ip or self.connection_rate_per_ip)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, slots=True)
@@ -97,7 +61,8 @@ class CompiledRoute:
     domains: tuple[str, ...]
     client_ips: tuple[IPNetwork, ...]
     block_ips: tuple[IPNetwork, ...]
-    action: str
+    action: str  # as written: forward | bridge | offload | reject | handler
+    kind: str  # what runs, decided here: one of KINDS
     targets: tuple[tuple[str, int], ...]
     balance: str
     connect_retries: int
@@ -112,6 +77,11 @@ class CompiledRoute:
     circuit: CircuitPolicy | None  # passive health: the targets' circuit breaker
     warm: int  # connected sockets kept ready per target
     spec: Route  # as written, for the inspector and for reload diffs
+
+    @property
+    def dials(self) -> bool:
+        """It connects to targets in user space (and keeps their health, warm sockets)."""
+        return self.kind in DIALING
 
     def listen_keys(self) -> list[ListenKey]:
         if self.ports == (0,):
@@ -143,7 +113,7 @@ class RouteTable:
     def __post_init__(self) -> None:
         items = self.by_listener.items()
         object.__setattr__(self, "_accepts_proxy", frozenset(k for k, rs in items if any(r.accept_proxy_protocol for r in rs)))
-        object.__setattr__(self, "_reads_hello", frozenset(k for k, rs in items if any(r.domains or r.action == "bridge" for r in rs)))
+        object.__setattr__(self, "_reads_hello", frozenset(k for k, rs in items if any(r.domains or r.kind in BRIDGES for r in rs)))
         object.__setattr__(self, "_first_bytes_timeout", {k: max(r.policy.initial_data_timeout for r in rs) for k, rs in items})
 
     def accepts_proxy(self, key: ListenKey) -> bool:
@@ -171,7 +141,7 @@ class RouteTable:
         return self._first_bytes_timeout.get(key, self.policy.initial_data_timeout)
 
     def is_trusted_proxy(self, ip: str) -> bool:
-        return bool(self.trusted_proxies) and _in_any(client_address(ip), self.trusted_proxies)
+        return bool(self.trusted_proxies) and in_any(client_address(ip), self.trusted_proxies)
 
     def match(self, key: ListenKey, client_ip: str, sni: str | None = None) -> CompiledRoute | Reason:
         """The route for a connection, or the reason there is none.
@@ -187,25 +157,13 @@ class RouteTable:
         for route in self.by_listener.get(key, ()):
             if route.domains and not (sni and any(domain_matches(p, sni) for p in route.domains)):
                 continue
-            if route.client_ips and not _in_any(ip, route.client_ips):
+            if route.client_ips and not in_any(ip, route.client_ips):
                 turned_away = True
                 continue
-            if _in_any(ip, route.block_ips):
+            if in_any(ip, route.block_ips):
                 return Reason.IP_BLOCKED
             return route
         return Reason.IP_BLOCKED if turned_away else Reason.NO_ROUTE
-
-
-def client_address(text: str) -> IPAddress:
-    """The client's address, with IPv4-mapped IPv6 (dual-stack "::" listeners) unwrapped."""
-    ip = ipaddress.ip_address(text.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def _in_any(ip: IPAddress, networks: Iterable[IPNetwork]) -> bool:
-    return any(ip.version == net.version and ip in net for net in networks)
 
 
 def domain_matches(pattern: str, name: str) -> bool:
@@ -248,7 +206,7 @@ def _policy(errors: _Errors, path: str, values: dict[str, Any], fallback: Policy
         value = values[field.name]
         if value is None and fallback is not None:
             parsed[field.name] = getattr(fallback, field.name)
-        elif field.type == "float":
+        elif field.name in DURATION_KEYS:
             parsed[field.name] = errors.parse(f"{path}.{field.name}", parse_duration, value, math.inf)
         else:
             parsed[field.name] = value
@@ -472,6 +430,7 @@ def compile_table(config: Config) -> RouteTable:
                 client_ips=client_ips,
                 block_ips=block_ips,
                 action=route.action,
+                kind=_kind(route, tls, bridge_to),
                 targets=targets,
                 balance=route.balance,
                 connect_retries=route.connect_retries,
@@ -495,6 +454,57 @@ def compile_table(config: Config) -> RouteTable:
     if errors.lines:
         raise ConfigError(errors.lines)
     return RouteTable(tuple(routes), _by_listener(routes), policy, limits, grace, trusted, config)
+
+
+def _kind(route: Route, tls: RouteTLS | None, bridge_to: tuple[str, int] | None) -> str:
+    if route.action != "bridge":
+        return route.action
+    if bridge_to is not None:
+        return "bridge_to"
+    return tls.mode if tls is not None else "terminate"  # no tls: refused above, never served
+
+
+def load_table(path: str | pathlib.Path) -> RouteTable:
+    """A route file read and compiled into its table (ConfigError naming the file and the
+    path of each bad value): what start, reload and `check` each do, once."""
+    config = read_config(path)
+    try:
+        return compile_table(config)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, str(path)) from None
+
+
+# The table load_config compiled for each Config it returned, with the Config's encoding at
+# the time: `as_table` takes it instead of compiling again while the Config is unchanged.
+_COMPILED: weakref.WeakKeyDictionary[Config, tuple[bytes, RouteTable]] = weakref.WeakKeyDictionary()
+
+
+def load_config(path: str | pathlib.Path) -> Config:
+    """Read and check a route file (TOML, YAML or JSON by its extension): a Config that can
+    be served, or ConfigError naming the file and the path of each bad value.
+
+    The table compiled to check it is kept for the first `serve` or `Forwarder.reload` of
+    this Config, which uses it rather than compiling again (so certificates are read once),
+    as long as the Config has not been changed since. Later ones compile afresh (a reload
+    reads renewed certificates).
+    """
+    table = load_table(path)
+    with contextlib.suppress(TypeError):  # a value that cannot be encoded: no reuse, a compile
+        _COMPILED[table.config] = (msgspec.msgpack.encode(table.config), table)
+    return table.config
+
+
+def as_table(config: Config | RouteTable) -> RouteTable:
+    """A route table for `config`: as given, the one load_config compiled (taken once), or
+    compiled now (ConfigError if it cannot be served)."""
+    if isinstance(config, RouteTable):
+        return config
+    found = _COMPILED.pop(config, None)
+    if found is not None:
+        with contextlib.suppress(TypeError):
+            if msgspec.msgpack.encode(config) == found[0]:
+                return found[1]
+    return compile_table(config)
 
 
 def _by_listener(routes: Iterable[CompiledRoute]) -> dict[ListenKey, tuple[CompiledRoute, ...]]:

@@ -13,19 +13,21 @@ from __future__ import annotations
 import collections
 import logging
 import select
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._balance import Balancer
-from ._dial import connect_failed, connect_failure, format_address, open_target
+from ._dial import connect_failed, connect_failure, open_target
+from ._addresses import format_address
 from ._health import Circuit, CheckPolicy, TargetHealth
 from ._reasons import Reason
 
 if TYPE_CHECKING:
     from ._table import CompiledRoute
 
-__all__ = ["RouteTargets", "Target", "probe"]
+__all__ = ["RouteTargets", "Target", "TargetRegistry", "probe"]
 
 log = logging.getLogger("triofwd.targets")
 
@@ -222,3 +224,56 @@ async def probe(address: tuple[str, int], policy: CheckPolicy) -> str | None:
     except OSError as exc:
         return connect_failure(exc).value if stage == "connect" else "target_reset"
     return None
+
+
+class TargetRegistry:
+    """One RouteTargets per route that dials targets, kept across reloads."""
+
+    def __init__(self) -> None:
+        self._by_route: dict[str, RouteTargets] = {}
+
+    def for_route(self, route: CompiledRoute) -> RouteTargets:
+        """The targets a connection on `route` dials."""
+        found = self._by_route.get(route.name)
+        if found is not None and found.route.targets == route.targets:
+            return found
+        # The route was removed or its targets changed since this connection arrived: it
+        # dials the targets it was routed to, plainly (no health state is kept for them).
+        return RouteTargets(route)
+
+    def get(self, name: str) -> RouteTargets | None:
+        """The targets the registry keeps for the route named `name` (None: it dials none)."""
+        return self._by_route.get(name)
+
+    def update(self, routes: Iterable[CompiledRoute], start_soon: Callable[[Callable[[], Awaitable[None]]], object]) -> None:
+        """Follow a new table. A route whose spec did not change keeps its RouteTargets; a
+        changed one gets a new one that carries over the state (health, circuit, warm
+        sockets) of every target it still has; `start_soon` runs the background work."""
+        before, self._by_route = self._by_route, {}
+        for route in routes:
+            if not route.dials or not route.targets:
+                continue
+            prior = before.pop(route.name, None)
+            if prior is not None and prior.route.spec == route.spec:
+                prior.route = route
+                self._by_route[route.name] = prior
+                continue
+            targets = self._by_route[route.name] = RouteTargets(route, prior)
+            for target in targets.dropped:
+                target.close_warm()
+            if prior is not None:
+                prior.scope.cancel()
+            if targets.watched:
+                start_soon(targets.run)
+        for gone in before.values():
+            gone.close()
+
+    def close(self) -> None:
+        """Health checks stop, warm sockets close: none outlives the forwarder."""
+        for targets in self._by_route.values():
+            targets.close()
+        self._by_route.clear()
+
+    def describe(self, now: float) -> dict[str, list[dict[str, Any]]]:
+        """Route name -> each target's health, circuit, active and warm counts."""
+        return {name: targets.describe(now) for name, targets in self._by_route.items()}

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._reasons import ConnectionEnded, Reason
+from ._reasons import Reason
+from ._errors import ConnectionEnded
 
 if TYPE_CHECKING:
     from ._config import TLS

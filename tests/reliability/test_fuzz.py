@@ -33,7 +33,7 @@ from triofwd._config import TLS, HealthCheck as HealthCheckSpec, Route, Settings
 from triofwd._control import HANDSHAKE_TIMEOUT, ControlServer, Reply, _WatchRequest
 from triofwd._firstbytes import FirstBytes, read_client_hello, read_proxy_header
 from triofwd._proxy_protocol import ProxyHeaderError, parse_proxy_header
-from triofwd._reasons import ConnectionEnded
+from triofwd._errors import ConnectionEnded
 
 BOUNDED = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,0 +1,183 @@
+"""The forwarder's listening sockets: binding them all or none, and one accept task each.
+
+Each accept task takes connections straight from the backlog with a raw accept() while
+there are any, and waits in trio only when it is empty; every accepted socket is handed
+to `on_accept` (which starts its connection task). accept(2) errors of the pending
+connection are skipped; running out of fds or memory backs off, with one warning a burst.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from ._addresses import ListenKey, format_address
+from ._errors import listen_error
+from ._rawsock import raw_socket
+from ._table import RouteTable
+
+__all__ = ["Listeners", "bind_all", "close_all", "offload_only"]
+
+log = logging.getLogger("triofwd")
+
+# After an accept() error that is not the pending connection's own (out of fds or memory,
+# or anything unexpected), wait this long: the listener stays readable, so retrying at once
+# would spin.
+ACCEPT_BACKOFF = 0.1
+ACCEPT_WARN_INTERVAL = 10.0
+# Connections taken from the backlog per wakeup of an accept loop before it yields anyway.
+ACCEPT_BATCH = 32
+
+# accept() errors that concern only the connection being accepted: accept(2), "Error
+# handling": Linux passes already-pending network errors of the new socket on as accept's
+# own error, to be treated like EAGAIN and retried (EPERM: a firewall rule refused it).
+# The list is trio's (_ignorable_accept_errno_names in trio/_highlevel_socket.py); names a
+# platform lacks are skipped.
+ACCEPT_IGNORED_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
+
+Opened = dict[ListenKey, list[trio.SocketListener]]
+OnAccept = Callable[[trio.socket.SocketType, Any, ListenKey], None]
+
+
+@dataclasses.dataclass(eq=False)
+class Listener:
+    key: ListenKey
+    address: str
+    scope: trio.CancelScope
+
+
+class Listeners:
+    """The listening sockets by listener key, each with its accept task in `nursery`."""
+
+    def __init__(self, nursery: trio.Nursery, on_accept: OnAccept, on_error: Callable[[], None]) -> None:
+        self._nursery = nursery
+        self._on_accept = on_accept
+        self._on_error = on_error  # an accept() failure the listener backed off from (counted)
+        self.by_key: dict[ListenKey, list[Listener]] = {}
+
+    def listen(self, opened: Opened) -> None:
+        """Hand each bound socket to an accept task; registered at once, so `addresses` is true on return."""
+        for key, sockets in opened.items():
+            for sock in sockets:
+                entry = Listener(key, format_address(sock.socket.getsockname()), trio.CancelScope())
+                self.by_key.setdefault(key, []).append(entry)
+                self._nursery.start_soon(self._accept_loop, entry, sock)
+
+    def addresses(self, table: RouteTable) -> dict[str, list[str]]:
+        """Route name -> the "ip:port" addresses it is listening on now."""
+        out: dict[str, list[str]] = {}
+        for key, listeners in self.by_key.items():
+            for route in table.by_listener.get(key, ()):
+                out.setdefault(route.name, []).extend(entry.address for entry in listeners)
+        return out
+
+    def close(self, keys: Iterable[ListenKey] | None = None) -> None:
+        """Stop accepting on `keys` (all when None) and release their ports."""
+        for key in list(self.by_key if keys is None else keys):
+            for entry in self.by_key.pop(key, ()):
+                entry.scope.cancel()
+
+    async def _accept_loop(self, entry: Listener, listener: trio.SocketListener) -> None:
+        failures = 0  # in the current burst
+        warned_at = -math.inf  # when this listener last warned
+        warned = False  # the current burst was warned about
+        raw = raw_socket(listener.socket)
+        try:
+            with entry.scope:
+                async with listener:
+                    batch = 0
+                    while True:
+                        try:
+                            # The raw accept() gives the peer's address with the socket: a client
+                            # that resets before its task runs cannot make getpeername() fail later.
+                            # Taken straight from the backlog while there are any; a trip
+                            # through the scheduler only to wait, or after ACCEPT_BATCH of them.
+                            if batch >= ACCEPT_BATCH or entry.scope.cancel_called:
+                                batch = 0
+                                await trio.lowlevel.checkpoint()  # and where close() cancelled us, stop here
+                            while (ready := _accept_ready(raw)) is None:
+                                batch = 0
+                                await trio.lowlevel.wait_readable(listener.socket)
+                            batch += 1
+                            sock, peer = ready
+                        except OSError as exc:
+                            if exc.errno in ACCEPT_IGNORED_ERRNOS:
+                                batch += 1
+                                continue  # that one client is gone; nothing wrong with the listener
+                            # Out of fds or memory: the pending connection stays queued and the
+                            # socket stays readable, so back off. Bursts come in waves when fds
+                            # flap, so warn at most once per ACCEPT_WARN_INTERVAL.
+                            self._on_error()
+                            failures += 1
+                            now = trio.current_time()
+                            if not warned and now - warned_at >= ACCEPT_WARN_INTERVAL:
+                                log.warning("accept on %s failed: %s; backing off", entry.address, exc.strerror or exc)
+                                warned, warned_at = True, now
+                            await trio.sleep(ACCEPT_BACKOFF)
+                            continue
+                        if warned:
+                            log.warning("accept on %s works again after %d failures", entry.address, failures)
+                        failures, warned = 0, False
+                        self._on_accept(sock, peer, entry.key)
+        finally:
+            entries = self.by_key.get(entry.key, [])
+            if entry in entries:
+                entries.remove(entry)
+                if not entries:
+                    del self.by_key[entry.key]
+
+
+def _accept_ready(listener: Any) -> tuple[trio.socket.SocketType, Any] | None:
+    """A connection waiting in the backlog, or None; accept() without trio's checkpoints around it."""
+    try:
+        sock, peer = listener.accept()
+    except BlockingIOError:
+        return None
+    return trio.socket.from_stdlib_socket(sock), peer
+
+
+def offload_only(table: RouteTable) -> set[ListenKey]:
+    """Listeners only offload routes use: the kernel serves those ports, binding them is a courtesy."""
+    return {k for k, routes in table.by_listener.items() if all(r.kind == "offload" for r in routes)}
+
+
+def close_all(opened: Opened) -> None:
+    for sockets in opened.values():
+        for sock in sockets:
+            sock.socket.close()
+
+
+async def bind_all(keys: Iterable[ListenKey], optional: set[ListenKey] | None = None) -> Opened:
+    """Bind every key or none: on the first failure, close what was opened and raise ListenError.
+
+    A key in `optional` that cannot be bound is skipped with a warning instead.
+    """
+    opened: Opened = {}
+    try:
+        for key in keys:
+            bind, port, _ = key
+            try:
+                opened[key] = await trio.open_tcp_listeners(port, host=bind)
+            except OSError as exc:
+                error = listen_error(exc, f"listen on {format_address((bind, port))}")
+                if optional and key in optional:
+                    log.warning("%s (an offload port: the kernel forwards it anyway)", error)
+                    continue
+                raise error from None
+    except BaseException:
+        close_all(opened)
+        raise
+    return opened
