@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench check clean system-deps soak fuzz matrix
+.PHONY: run test lint bench check clean system-deps soak fuzz matrix
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,14 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null || echo "could not install nftables: its tests will skip"; \
 	fi
 
-test: $(STAMP) system-deps
+# ruff (lint, and the formatter's check on the package) and mypy --strict on triofwd/:
+# the markers (# noqa, # type: ignore, # fmt: skip) mean something because these run.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check triofwd tests tools fuzz
+	$(VENV)/bin/ruff format --check triofwd
+	$(VENV)/bin/mypy
+
+test: lint system-deps
 	$(PY) -m pytest -q
 
 # Side-by-side benchmark (installs haproxy, nginx, iperf3, wrk, socat and uvloop first).

@@ -19,7 +19,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 sys.path.insert(1, _HERE)
 
-import atheris  # noqa: E402
+import atheris
 
 
 def run(test_one_input: Callable[[bytes], None]) -> None:

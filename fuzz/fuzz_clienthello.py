@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import common
 import atheris
+import common
 
 with atheris.instrument_imports():
     from triofwd._clienthello import ClientHello, ClientHelloError, parse_client_hello

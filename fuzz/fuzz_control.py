@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import threading
 
-import common
 import atheris
+import common
 
 with atheris.instrument_imports():
     import msgspec
     import trio
 
     import triofwd
-    from triofwd._control import ControlServer, Reply, _WatchRequest
+    from triofwd.control import ControlServer
+    from triofwd.control.messages import Reply, WatchRequest
 
 _ready = threading.Event()
 _server: ControlServer | None = None
@@ -32,7 +33,7 @@ async def _forwarder() -> None:
 def test_one_input(data: bytes) -> None:
     assert _server is not None
     outcome = trio.from_thread.run(_server.dispatch, data, trio_token=_token)
-    assert isinstance(outcome, Reply | _WatchRequest)
+    assert isinstance(outcome, Reply | WatchRequest)
     if isinstance(outcome, Reply):
         assert outcome.ok or isinstance(outcome.error, str)
         msgspec.json.encode(outcome)

@@ -3,8 +3,8 @@ a PROXY header parsed is encoded again and parses to the same addresses."""
 
 from __future__ import annotations
 
-import common
 import atheris
+import common
 
 with atheris.instrument_imports():
     from triofwd._proxy_protocol import ProxyHeaderError, encode_v1, encode_v2, parse_proxy_header

@@ -3,11 +3,12 @@ a Config that compiles, or ConfigError; nothing else may escape."""
 
 from __future__ import annotations
 
-import common
 import atheris
+import common
 
 with atheris.instrument_imports():
-    from triofwd._config import ConfigError, parse_config
+    from triofwd._config import parse_config
+    from triofwd._errors import ConfigError
     from triofwd._table import compile_table
 
 SUFFIXES = (".toml", ".yaml", ".json")

@@ -9,8 +9,8 @@ as the backend's EOF.
 from __future__ import annotations
 
 import functools
-import json
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess

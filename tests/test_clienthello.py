@@ -9,14 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triofwd._clienthello import (
-    MAX_HELLO_BYTES,
-    ClientHello,
-    ClientHelloError,
-    build_client_hello,
-    looks_like_tls,
-    parse_client_hello,
-)
+from triofwd._clienthello import MAX_HELLO_BYTES, ClientHello, ClientHelloError, looks_like_tls, parse_client_hello
+from triofwd.testing import build_client_hello
 
 FAST = settings(max_examples=300, deadline=None)
 
@@ -54,7 +48,7 @@ def record(payload: bytes, content_type: int = 22, version: bytes = b"\x03\x01")
     return bytes((content_type,)) + version + len(payload).to_bytes(2, "big") + payload
 
 
-def outcome(data: bytes) -> ClientHello | None | str:
+def outcome(data: bytes) -> ClientHello | str | None:
     """The parser's answer, with its one allowed exception folded into a value."""
     try:
         return parse_client_hello(data)

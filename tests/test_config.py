@@ -13,12 +13,24 @@ import pytest
 import trio
 
 from tests.conftest import run_triofwd
-from triofwd._config import ROUTE_OVERRIDES, TLS, CircuitBreaker, Config, HealthCheck, Route, Settings, parse_cidr, parse_config, parse_duration, parse_ports, parse_rate, parse_target
-from triofwd._table import load_config
+from triofwd._config import (
+    ROUTE_OVERRIDES,
+    TLS,
+    CircuitBreaker,
+    Config,
+    HealthCheck,
+    Route,
+    Settings,
+    parse_cidr,
+    parse_config,
+    parse_duration,
+    parse_ports,
+    parse_rate,
+    parse_target,
+)
 from triofwd._errors import ConfigError
 from triofwd._health import CheckPolicy, CircuitPolicy
-from triofwd._table import compile_table
-
+from triofwd._table import compile_table, load_config
 
 
 def toml(text: str) -> Config:
@@ -460,7 +472,7 @@ def test_every_error_is_reported_at_once() -> None:
 
 # -- every contract key: parsed; later features refused by name -----------------------
 
-# The example of CONTRACT.md "Route file", with the per-route overrides spelled out.
+# The example of docs/routes.md, with the per-route overrides spelled out.
 CONTRACT_EXAMPLE = """
 [settings]
 connect_timeout        = "10s"
@@ -767,7 +779,7 @@ def test_parse_target_refuses(bad: str) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "ports"),
-    [(2222, range(2222, 2223)), (0, range(0, 1)), ("8000-8010", range(8000, 8011)), ("5-5", range(5, 6))],
+    [(2222, range(2222, 2223)), (0, range(1)), ("8000-8010", range(8000, 8011)), ("5-5", range(5, 6))],
 )
 def test_parse_ports(spec: int | str, ports: range) -> None:
     assert parse_ports(spec) == ports

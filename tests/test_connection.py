@@ -13,7 +13,20 @@ import pytest
 import trio
 
 import triofwd
-from tests.conftest import AccessLogCapture, backend, black_hole, config, connect, echo, forwarder, receive_all, receive_exactly, refused_address, route, rst_close
+from tests.conftest import (
+    AccessLogCapture,
+    backend,
+    black_hole,
+    config,
+    connect,
+    echo,
+    forwarder,
+    receive_all,
+    receive_exactly,
+    refused_address,
+    route,
+    rst_close,
+)
 
 
 async def test_ten_megabytes_both_ways_arrive_intact() -> None:

@@ -19,8 +19,10 @@ import trio
 
 import triofwd
 from tests.conftest import backend, config, connect, echo, forwarder, receive_all, receive_exactly, roundtrip, route, split, threaded_echo, wait_for
-from triofwd._control import MAX_REQUEST_BYTES, WS_MAX_MESSAGE_BYTES, ControlServer, bind_control_socket
 from triofwd._errors import ControlConnectionError
+from triofwd.control import ControlServer, bind_control_socket
+from triofwd.control.messages import MAX_REQUEST_BYTES
+from triofwd.control.server import WS_MAX_MESSAGE_BYTES
 
 
 @contextlib.asynccontextmanager

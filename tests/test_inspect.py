@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,25 +16,16 @@ import sys
 import termios
 import time
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from tests.conftest import REPO, roundtrip, threaded_echo
+from triofwd.control import inspector
 
 INSPECT = REPO / "tools" / "inspect.py"
 
 
-def load_inspector() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("triofwd_inspector", INSPECT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inspector = load_inspector()
 
 
 ROUTES = """

@@ -6,10 +6,9 @@ import contextlib
 
 import pytest
 
-from triofwd._limits import SWEEP_AT, Gate, RateLimiter
-from triofwd._reasons import Reason
 from triofwd._errors import ConnectionEnded
-from triofwd._limits import Limits
+from triofwd._limits import SWEEP_AT, Gate, Limits, RateLimiter
+from triofwd._reasons import Reason
 
 
 def refused(gate: Gate, ip: str, now: float = 0.0) -> Reason:
@@ -30,7 +29,7 @@ def admit_once(gate: Gate, ip: str, now: float = 0.0) -> None:
 def test_no_limits_admits_everything() -> None:
     gate = Gate(Limits())
     with contextlib.ExitStack() as stack:
-        for i in range(1000):
+        for _ in range(1000):
             stack.enter_context(gate.admitted("10.0.0.1", 0.0))
         assert gate.active == 1000
         assert gate.per_ip["10.0.0.1"] == 1000

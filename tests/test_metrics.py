@@ -265,7 +265,7 @@ def test_label_values_are_escaped() -> None:
         st.fixed_dictionaries(
             {"active": st.integers(0, 10**6), "total": st.integers(0, 10**12), "bytes_in": st.integers(0, 2**63), "bytes_out": st.integers(0, 2**63),
              "terminations": st.dictionaries(st.sampled_from([r.value for r in triofwd.Reason]), st.integers(0, 10**9)),
-             "connect": st.lists(st.floats(0, 100), max_size=5)}  # fmt: skip
+             "connect": st.lists(st.floats(0, 100), max_size=5)}
         ),
         max_size=4,
     )

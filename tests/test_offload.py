@@ -1,4 +1,4 @@
-"""Issue 4, "How it is shown": offload routes against real nftables, in a private netns.
+"""Offload routes against real nftables, in a private netns.
 
 Each scenario runs tests/offload_netns_helper.py under `unshare -n` (a network namespace
 this test creates; only 127.0.0.1 and an address it puts on that namespace's lo are

@@ -6,22 +6,15 @@ here the reading is stubbed so that the reporting path runs everywhere.
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import trio
 
 import triofwd
-from tests.conftest import REPO, config, forwarder, route
+from tests.conftest import config, forwarder, route
 from triofwd._metrics import render_metrics
 from triofwd._stats import Stats
-
-
-def load_inspector():
-    spec = importlib.util.spec_from_file_location("triofwd_inspector", REPO / "tools" / "inspect.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from triofwd.control import inspector
 
 
 def test_snapshot_metrics_and_inspector_table_carry_kernel_counters() -> None:
@@ -30,7 +23,7 @@ def test_snapshot_metrics_and_inspector_table_carry_kernel_counters() -> None:
     text = render_metrics(snapshot, ["db"])
     assert 'triofwd_offload_packets_total{route="db"} 12\n' in text
     assert 'triofwd_offload_bytes_total{route="db"} 3400\n' in text
-    lines = load_inspector().format_stats(snapshot)
+    lines = inspector.format_stats(snapshot)
     assert lines[-2:] == ["OFFLOAD ROUTE  PACKETS    BYTES", "db                  12  3.3 KiB"]
 
 

@@ -25,7 +25,7 @@ FAST = settings(max_examples=300, deadline=None)
 SIG = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"
 
 
-def outcome(data: bytes) -> tuple[ProxyHeader, int] | None | str:
+def outcome(data: bytes) -> tuple[ProxyHeader, int] | str | None:
     """The parser's answer, with its one allowed exception folded into a value."""
     try:
         return parse_proxy_header(data)

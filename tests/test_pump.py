@@ -9,11 +9,11 @@ import pytest
 import trio
 import trio.testing
 
-from triofwd._record import Connection
-from triofwd._pump import relay
-from triofwd._reasons import Reason
 from triofwd._errors import ConnectionEnded
 from triofwd._policy import Policy
+from triofwd._pump import relay
+from triofwd._reasons import Reason
+from triofwd._record import Connection
 
 HOUR = 3600.0
 

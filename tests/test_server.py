@@ -12,8 +12,22 @@ import trio
 import trio.testing
 
 import triofwd
+from tests.conftest import (
+    AccessLogCapture,
+    backend,
+    config,
+    connect,
+    echo,
+    forwarder,
+    open_fds,
+    receive_all,
+    receive_exactly,
+    receive_one_or_eof,
+    route,
+    rst_close,
+    split,
+)
 from triofwd._splice import POOL
-from tests.conftest import AccessLogCapture, backend, config, connect, echo, forwarder, open_fds, receive_all, receive_exactly, receive_one_or_eof, route, rst_close, split
 
 
 def tagged(tag: bytes):
@@ -301,7 +315,7 @@ def test_accept_ignores_the_errors_trio_ignores() -> None:
 
     from triofwd._listeners import ACCEPT_IGNORED_ERRNOS
 
-    assert ACCEPT_IGNORED_ERRNOS == _ignorable_accept_errnos
+    assert _ignorable_accept_errnos == ACCEPT_IGNORED_ERRNOS
     import errno
 
     assert {errno.ENETDOWN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED, errno.EPERM} <= ACCEPT_IGNORED_ERRNOS

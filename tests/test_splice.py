@@ -72,7 +72,7 @@ async def test_bulk_is_spliced_and_small_messages_are_not() -> None:
 
 
 async def test_a_handler_route_copies() -> None:
-    async def hello(stream, info) -> None:  # noqa: ANN001
+    async def hello(stream, info) -> None:
         await stream.send_all(b"hi")
 
     async with forwarder(config(route(action="handler", handler=hello))) as fwd:
@@ -131,7 +131,7 @@ def test_two_trio_runs_in_two_threads_do_not_share_a_copy_buffer() -> None:
     def run(seed: int) -> None:
         try:
             trio.run(ping_pong, seed)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+        except BaseException as exc:
             failures.append(exc)
 
     threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
+from triofwd._addresses import client_address
 from triofwd._config import Config, Route, Settings, parse_config
 from triofwd._errors import ConfigError
-from triofwd._reasons import Reason
-from triofwd._table import RouteTable, compile_table, domain_matches
 from triofwd._limits import Limits
 from triofwd._policy import Policy
-from triofwd._addresses import client_address
+from triofwd._reasons import Reason
+from triofwd._table import RouteTable, compile_table, domain_matches
 
 KEY = ("0.0.0.0", 8000, "")
 

@@ -17,7 +17,20 @@ import pytest
 import trio
 
 import triofwd
-from tests.conftest import AccessLogCapture, backend, black_hole, config, connect, forwarder, free_port, receive_all, refused_address, route, rst_close, wait_for
+from tests.conftest import (
+    AccessLogCapture,
+    backend,
+    black_hole,
+    config,
+    connect,
+    forwarder,
+    free_port,
+    receive_all,
+    refused_address,
+    route,
+    rst_close,
+    wait_for,
+)
 from tests.test_inspect import inspector
 from tests.test_metrics import parse_exposition, value
 
@@ -117,7 +130,7 @@ async def test_a_dead_target_is_taken_out_and_comes_back_after_rise_passes() -> 
             cfg = config(route(targets=[a.address, b.address], health_check=FAST_CHECKS, connect_retries=0))
             async with forwarder(cfg, access_log=log) as fwd:
                 assert sorted([await ask(fwd) for _ in range(4)]) == [b"a", b"a", b"b", b"b"]
-                for cycle in range(2):  # it flaps: down, up, down, up
+                for _ in range(2):  # it flaps: down, up, down, up
                     a.stop()
                     await wait_for(lambda: not states(fwd)[a.address]["up"])
                     row = states(fwd)[a.address]

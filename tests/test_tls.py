@@ -17,7 +17,20 @@ import trio.testing
 import trustme
 
 import triofwd
-from tests.conftest import AccessLogCapture, backend, config, echo, forwarder, free_port, receive_all, receive_exactly, refused_address, route, run_triofwd, split
+from tests.conftest import (
+    AccessLogCapture,
+    backend,
+    config,
+    echo,
+    forwarder,
+    free_port,
+    receive_all,
+    receive_exactly,
+    refused_address,
+    route,
+    run_triofwd,
+    split,
+)
 from triofwd._proxy_protocol import parse_proxy_header
 
 
@@ -375,7 +388,7 @@ async def test_certificates_are_read_again_on_reload(tmp_path: pathlib.Path) -> 
 
 
 async def test_passthrough_delivers_the_clienthello_byte_for_byte() -> None:
-    from triofwd._clienthello import build_client_hello
+    from triofwd.testing import build_client_hello
 
     hello = build_client_hello("a.example", alpn=("h2",), split_records=3)  # several records, as some clients send
     target = Recorder(reply=b"", after=b"\x00never")

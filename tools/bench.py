@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of triofwd and the forwarders users would pick instead (issue 6).
+"""Side-by-side benchmark of triofwd and the forwarders users would pick instead.
 
     python tools/bench.py [--quick] [--only triofwd,haproxy] [--duration S] [--runs R] [--idle N]
                           [--measure bulk,http,idle] [--triofwd-at REV] [--json PATH] [--no-pin]
@@ -36,20 +36,13 @@ theirs) when its measurement ends, and in any case on exit, Ctrl-C and SIGTERM i
 
 from __future__ import annotations
 
-import os
-import sys
-
-# `python tools/bench.py` puts tools/ first on sys.path, where tools/inspect.py (the
-# inspector) would shadow the standard library's inspect that dataclasses imports.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
 import contextlib
 import dataclasses
 import datetime
 import importlib.util
 import json
+import os
 import platform
 import re
 import resource
@@ -58,6 +51,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -98,7 +92,7 @@ STOP_GRACE = 3.0  # SIGTERM, then this long, then SIGKILL
 FD_RESERVE = 256  # fds this script keeps for itself besides the idle connections
 DEFAULT_JSON = Path(tempfile.gettempdir()) / "triofwd-bench" / "results.json"
 
-# Issue 6's targets, checked at the end: triofwd's median must be >= factor x the other row's.
+# The performance goals, checked at the end: triofwd's median must be >= factor x the other row's.
 TARGETS = [
     ("bulk1", "haproxy", 1.3),
     ("rps", "asyncio_uvloop", 0.8),
@@ -1036,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable,
-                             os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)]),  # fmt: skip
+                             os.path.relpath(__file__, ROOT), *(sys.argv[1:] if argv is None else argv)]),
         "settings": dataclasses.asdict(cfg),
         "pinning": {"forwarder_cpus": pin.forwarder or "any", "load_and_backend_cpus": pin.others or "any"},
         "machine": machine(),
@@ -1086,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.runs > 1:
         out += ["", "spread over the runs, (max - min) / median:", "", table(results, rows, spread=True)]
     if checks := verdicts(results):
-        out += ["", "issue 6 targets:", *checks]
+        out += ["", "goals:", *checks]
     print("\n".join(out), flush=True)
 
     document = {

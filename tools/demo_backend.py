@@ -7,18 +7,10 @@ Keep-alive is honoured, so load generators (wrk) can reuse connections.
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import functools
 
-# tools/inspect.py (the inspector) would shadow the standard library's `inspect` for any
-# script run from this folder: take the folder off the import path before anything imports it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import functools  # noqa: E402
-
-import trio  # noqa: E402
+import trio
 
 BODY = b"hello from the triofwd demo backend\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)

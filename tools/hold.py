@@ -1,4 +1,4 @@
-"""Hold many connections open through triofwd at once and serve every one (issue 6).
+"""Hold many connections open through triofwd at once and serve every one.
 
     python tools/hold.py [--connections 10000] [--json PATH]
 
@@ -85,7 +85,7 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def wait_for(what: str, check, timeout: float = STEP_TIMEOUT) -> None:  # noqa: ANN001
+def wait_for(what: str, check, timeout: float = STEP_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args(argv)
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     n = args.connections
     fit = (hard - DAEMON_FDS) // 2  # the forwarder runs with the same hard limit

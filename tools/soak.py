@@ -23,34 +23,29 @@ from __future__ import annotations
 import os
 import sys
 
-# tools/ holds inspect.py, which would shadow the standard library's `inspect` for any
-# script run from here: take tools/ off sys.path, and put the repository root first.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+# The soak drives the reliability suite's peers (tests/): the repository root first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import random  # noqa: E402
-import signal  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
+import argparse
+import contextlib
+import dataclasses
+import json
+import pathlib
+import random
+import signal
+import ssl
+import tempfile
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
 
-import ssl  # noqa: E402
+import trio
+import trustme
 
-import trio  # noqa: E402
-import trustme  # noqa: E402
-
-import triofwd  # noqa: E402
-from tests.conftest import Daemon, backend, echo, receive_all, receive_exactly, refused_address, rst_close, split  # noqa: E402
-from tests.reliability import commands, matrix  # noqa: E402
-from tests.reliability.matrix_peers import UNTIMELY, Peer, TargetServer, ended_by_a_clock, free_ports, nft_stub, play  # noqa: E402
-from tests.reliability.harness import (  # noqa: E402
+import triofwd
+from tests.conftest import Daemon, backend, echo, receive_all, receive_exactly, refused_address, rst_close, split
+from tests.reliability import commands, matrix
+from tests.reliability.harness import (
     MIB,
     Scenario,
     black_hole_target,
@@ -62,7 +57,8 @@ from tests.reliability.harness import (  # noqa: E402
     trickle,
     write_atomically,
 )
-from triofwd._clienthello import build_client_hello  # noqa: E402
+from tests.reliability.matrix_peers import UNTIMELY, Peer, TargetServer, ended_by_a_clock, free_ports, nft_stub, play
+from triofwd.testing import build_client_hello
 
 # RSS may grow this much over the baseline in the whole soak: the first minutes' high-water
 # mark (the allocator keeps freed memory for reuse); a leak grows past it as minutes pass.

@@ -1,29 +1,25 @@
 """triofwd: a TCP forwarder on Trio. Every connection lives in its own nursery.
 
-    import trio, triofwd
+import trio, triofwd
 
-    async def main():
-        config = triofwd.load_config("routes/demo.toml")
-        async with trio.open_nursery() as nursery:
-            fwd = await nursery.start(triofwd.serve, config)
-            ...
+async def main():
+    config = triofwd.load_config("routes/demo.toml")
+    async with trio.open_nursery() as nursery:
+        fwd = await nursery.start(triofwd.serve, config)
+        ...
 """
 
 from __future__ import annotations
 
-from ._config import TLS, CircuitBreaker, Config, HealthCheck, Route, Settings, parse_config
-from ._table import load_config
-from ._errors import ConfigError
 from ._actions import HandlerInfo
-from ._record import Connection
-from ._control import metrics_text, open_control, serve_control
-from ._errors import ControlError
+from ._config import TLS, CircuitBreaker, Config, HealthCheck, Route, Settings, parse_config
+from ._errors import ConfigError, ConnectionEnded, ControlConnectionError, ControlError, ListenError, OffloadError
 from ._metrics_http import serve_metrics
-from ._errors import OffloadError
 from ._reasons import Reason
-from ._errors import ConnectionEnded
+from ._record import Connection
 from ._server import Forwarder, serve
-from ._errors import ListenError
+from ._table import RouteTable, load_config, load_table
+from .control import ControlClient, metrics_text, open_control, serve_control
 
 __all__ = [
     "TLS",
@@ -32,6 +28,8 @@ __all__ = [
     "ConfigError",
     "Connection",
     "ConnectionEnded",
+    "ControlClient",
+    "ControlConnectionError",
     "ControlError",
     "Forwarder",
     "HandlerInfo",
@@ -40,8 +38,10 @@ __all__ = [
     "OffloadError",
     "Reason",
     "Route",
+    "RouteTable",
     "Settings",
     "load_config",
+    "load_table",
     "metrics_text",
     "open_control",
     "parse_config",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 from typing import IO, TYPE_CHECKING
 
 import msgspec
+
+from ._log import iso_utc
 
 if TYPE_CHECKING:
     from ._record import Connection
@@ -22,7 +23,7 @@ WARN_INTERVAL = 10.0
 
 
 class AccessRecord(msgspec.Struct, kw_only=True):
-    """One access log line (CONTRACT.md "Access log")."""
+    """One access log line: the README's "Access log" fields."""
 
     ts: str
     id: int
@@ -37,10 +38,6 @@ class AccessRecord(msgspec.Struct, kw_only=True):
     reason: str
 
 
-def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class AccessLog:
     """Writes AccessRecords as JSON lines to a text file (or stdout)."""
 
@@ -53,12 +50,12 @@ class AccessLog:
     def write(self, conn: Connection, duration: float) -> None:
         """The line of a connection that ended after `duration` seconds."""
         record = AccessRecord(
-            ts=_iso(conn.started + duration),
+            ts=iso_utc(conn.started + duration),
             id=conn.id,
             route=conn.route,
             client=conn.client,
             target=conn.target,
-            started=_iso(conn.started),
+            started=iso_utc(conn.started),
             duration_ms=round(duration * 1000, 3),
             connect_ms=None if conn.connect_time is None else round(conn.connect_time * 1000, 3),
             bytes_in=conn.bytes_in,

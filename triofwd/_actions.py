@@ -17,11 +17,12 @@ import trio
 
 from ._context import ConnectionContext
 from ._dial import dialed
+from ._endings import deadline_means, failure_means
 from ._errors import ConnectionEnded
 from ._firstbytes import FirstBytes
 from ._proxy_protocol import encode_v1, encode_v2
 from ._pump import ReplayStream, TrafficStream, relay, traffic_nursery
-from ._reasons import Reason, deadline_means, failure_means
+from ._reasons import Reason
 from ._record import Connection
 from ._table import CompiledRoute
 from ._tls import handshake

@@ -16,19 +16,18 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import IO
 
 import trio
 
-from ._errors import ConfigError
-from ._control import ControlServer, bind_control_socket, metrics_text
+from ._errors import ConfigError, ListenError
 from ._log import setup_logging
 from ._metrics_http import bind_metrics, serve_metrics_on
 from ._offload import ruleset_text
 from ._server import Forwarder, serve
-from ._errors import ListenError
 from ._table import load_table
+from .control import ControlServer, bind_control_socket, inspector, metrics_text
 
 __all__ = ["main"]
 
@@ -52,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus text at /metrics")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="text", choices=["text", "json"], help="stderr log lines as text or JSON")
+    sub.add_parser("inspect", help="see and steer a running daemon (triofwd inspect --help)", add_help=False)
     c = sub.add_parser("check", help="validate a route file")
     c.add_argument("routefile")
     c.add_argument("--show-nft", action="store_true", help="print the nftables ruleset offload routes would install")
@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:  # its own commands and options: the inspector parses them
+        return inspector.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(args.routefile, args.show_nft)
@@ -170,7 +173,8 @@ async def _serve(args: argparse.Namespace) -> int:
         access_log = sys.stdout
     elif args.access_log:
         try:
-            access_log = open(args.access_log, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as serve
+            # Opened once, before anything is served, and kept as long as serve runs.
+            access_log = open(args.access_log, "a", encoding="utf-8")  # noqa: SIM115, ASYNC230
         except OSError as exc:
             return _fail(f"cannot open access log {args.access_log}: {exc.strerror or exc}")
     try:
@@ -220,7 +224,7 @@ def _reloader(fwd: Forwarder, path: str) -> Callable[[], Awaitable[dict[str, lis
     return reload
 
 
-async def _on_signals(fwd: Forwarder, signals: trio.abc.ReceiveChannel[int], reload: Callable[[], Awaitable[object]]) -> None:
+async def _on_signals(fwd: Forwarder, signals: AsyncIterator[int], reload: Callable[[], Awaitable[object]]) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
             try:

@@ -13,6 +13,7 @@ import ipaddress
 import math
 import pathlib
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -47,7 +48,7 @@ class _Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, weakref=
 
 
 class Settings(_Struct):
-    """Process-wide defaults; every key optional. See CONTRACT.md "Route file"."""
+    """Process-wide defaults; every key optional (docs/routes.md)."""
 
     connect_timeout: Duration = "10s"
     initial_data_timeout: Duration = "30s"
@@ -144,7 +145,7 @@ class Config(_Struct):
     routes: list[Route] = []
 
 
-_DECODERS = {
+_DECODERS: dict[str, Callable[..., Any]] = {
     ".toml": msgspec.toml.decode,
     ".yaml": msgspec.yaml.decode,
     ".yml": msgspec.yaml.decode,
@@ -156,11 +157,10 @@ def parse_config(data: bytes | str, suffix: str, source: str = "") -> Config:
     """Decode a route file's text; `suffix` (".toml", ".yaml", ".yml", ".json") picks the format."""
     decode = _DECODERS.get(suffix.lower())
     if decode is None:
-        raise ConfigError(
-            [f"unknown route file type {suffix!r}: expected .toml, .yaml, .yml or .json"], source
-        )
+        raise ConfigError([f"unknown route file type {suffix!r}: expected .toml, .yaml, .yml or .json"], source)
     try:
-        return decode(data, type=Config)
+        config: Config = decode(data, type=Config)
+        return config
     except msgspec.ValidationError as exc:
         message = str(exc)
         if " - at `" not in message:  # msgspec names no path for the top level; we always do
@@ -216,10 +216,7 @@ def parse_duration(text: str) -> float:
         return math.inf
     m = _DURATION_RE.fullmatch(text.strip())
     if not m:
-        raise ValueError(
-            f"invalid duration {text!r}: expected a number and a unit (ms, s, m, h, d), "
-            'e.g. "250ms", "30s", "5m", or "0" for off'
-        )
+        raise ValueError(f'invalid duration {text!r}: expected a number and a unit (ms, s, m, h, d), e.g. "250ms", "30s", "5m", or "0" for off')
     seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     return seconds if seconds > 0 else math.inf  # a zero timeout would end everything at once
 
@@ -230,10 +227,7 @@ def parse_rate(text: str) -> tuple[int, float] | None:
         return None
     m = _RATE_RE.match(text.strip())
     if not m or int(m.group(1)) == 0:
-        raise ValueError(
-            f"invalid rate {text!r}: expected COUNT/UNIT with unit s, min or hour, "
-            'e.g. "300/min", or "0" for off'
-        )
+        raise ValueError(f'invalid rate {text!r}: expected COUNT/UNIT with unit s, min or hour, e.g. "300/min", or "0" for off')
     per = float(m.group(2) or 1) * _RATE_UNITS[m.group(3)]
     if per <= 0:
         raise ValueError(f"invalid rate {text!r}: the period must be longer than zero")

@@ -24,19 +24,19 @@ from typing import Any
 import trio
 
 from ._actions import ACTIONS
+from ._addresses import ListenKey, format_address
 from ._context import ConnectionContext
-from ._addresses import format_address
-from ._firstbytes import FirstBytes, read_client_hello, read_proxy_header
-from ._record import Connection
-from ._reasons import Reason, deadline_at, leaves, reason_of
+from ._endings import deadline_at, leaves, reason_of
 from ._errors import ConnectionEnded
+from ._firstbytes import FirstBytes, read_client_hello, read_proxy_header
+from ._reasons import Reason
+from ._record import Connection
 from ._table import CompiledRoute
-from ._addresses import ListenKey
-
 
 __all__ = ["Connection", "run_connection"]
 
 log = logging.getLogger("triofwd.connection")
+
 
 async def run_connection(ctx: ConnectionContext, stream: trio.SocketStream, peer: tuple[Any, ...], listener: ListenKey) -> None:
     """The whole life of one accepted connection.
@@ -66,7 +66,7 @@ async def run_connection(ctx: ConnectionContext, stream: trio.SocketStream, peer
                     await _serve(ctx, conn, stream, listener)
                 if conn.scope.cancelled_caught:
                     conn.settle(Reason.LIFETIME_EXCEEDED)  # kill() and end() record theirs before cancelling
-        except BaseException as exc:  # noqa: BLE001 - the boundary of one connection: see the docstring
+        except BaseException as exc:
             escaping = _settle_from(conn, exc)
             if escaping is exc:
                 raise

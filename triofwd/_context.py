@@ -109,5 +109,5 @@ class ConnectionContext:
 def _recorded(record: Callable[..., object], *args: Any) -> None:
     try:
         record(*args)
-    except Exception:  # noqa: BLE001 - see ConnectionContext.tracked
+    except Exception:
         log.exception("recording the end of a connection failed (%s)", getattr(record, "__qualname__", record))

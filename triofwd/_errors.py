@@ -1,11 +1,11 @@
 """Every exception triofwd raises to its users, in one place.
 
-    ConfigError             a route file (or a Config built in code) that cannot be served
-    ListenError             an address, socket file or kernel resource that cannot be taken up
-      OffloadError          offload routes whose nftables rules cannot be installed
-    ConnectionEnded         raised inside a connection's scopes to end it with a reason
-    ControlError            the daemon answered a control request with an error
-    ControlConnectionError  the control connection could not be opened, or it closed
+ConfigError             a route file (or a Config built in code) that cannot be served
+ListenError             an address, socket file or kernel resource that cannot be taken up
+  OffloadError          offload routes whose nftables rules cannot be installed
+ConnectionEnded         raised inside a connection's scopes to end it with a reason
+ControlError            the daemon answered a control request with an error
+ControlConnectionError  the control connection could not be opened, or it closed
 """
 
 from __future__ import annotations

@@ -12,18 +12,15 @@ import dataclasses
 import trio
 
 from ._clienthello import ClientHello, ClientHelloError, parse_client_hello
-from ._proxy_protocol import ProxyHeader, ProxyHeaderError, parse_proxy_header
-from ._reasons import Reason
 from ._errors import ConnectionEnded
+from ._proxy_protocol import V1_PREFIX, V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse_proxy_header
+from ._reasons import Reason
 
 __all__ = ["FirstBytes", "read_client_hello", "read_proxy_header"]
 
 # The parsers bound what they accept (a v2 header 4 KiB, a ClientHello 64 KiB); reads
 # are this size so that a large hello needs only a few trips through the scheduler.
 READ_SIZE = 16384
-
-_PROXY_V1 = b"PROXY "
-_PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 @dataclasses.dataclass
@@ -47,11 +44,11 @@ async def _more(stream: trio.abc.ReceiveStream, data: bytes) -> bytes:
 
 
 def _signature_state(data: bytes) -> str:
-    """"yes" if `data` starts with a PROXY signature, "maybe" if it is still a prefix of one, else "no"."""
-    for signature in (_PROXY_V1, _PROXY_V2):
+    """ "yes" if `data` starts with a PROXY signature, "maybe" if it is still a prefix of one, else "no"."""
+    for signature in (V1_PREFIX, V2_SIGNATURE):
         if data.startswith(signature):
             return "yes"
-    if any(signature.startswith(data) for signature in (_PROXY_V1, _PROXY_V2)):
+    if any(signature.startswith(data) for signature in (V1_PREFIX, V2_SIGNATURE)):
         return "maybe"
     return "no"
 

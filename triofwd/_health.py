@@ -162,27 +162,32 @@ class TargetHealth:
         """One check passed; True when this brought the target back up."""
         self.checks_passed += 1
         self.last_check = "ok"
-        self.fails = 0
-        if self.up:
-            return False
-        self.passes += 1
-        if self.passes >= policy.rise:
-            self.up, self.passes = True, 0
-            return True
-        return False
+        return self._in_a_row(up=True, needed=policy.rise)
 
     def check_failed(self, policy: CheckPolicy, why: str) -> bool:
         """One check failed; True when this took the target down."""
         self.checks_failed += 1
         self.last_check = why
-        self.passes = 0
-        if not self.up:
+        return self._in_a_row(up=False, needed=policy.fall)
+
+    def _in_a_row(self, *, up: bool, needed: int) -> bool:
+        """A check that says `up` (or down): it breaks the other run, and `needed` of them
+        in a row turn a target that is the other way round; True when this one did."""
+        if up:
+            self.fails = 0
+        else:
+            self.passes = 0
+        if self.up == up:
             return False
-        self.fails += 1
-        if self.fails >= policy.fall:
-            self.up, self.fails = False, 0
-            return True
-        return False
+        run = (self.passes if up else self.fails) + 1
+        if run < needed:
+            if up:
+                self.passes = run
+            else:
+                self.fails = run
+            return False
+        self.up, self.passes, self.fails = up, 0, 0
+        return True
 
     def describe(self, now: float) -> dict[str, Any]:
         """The state as the control socket and metrics show it."""

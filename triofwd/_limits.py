@@ -10,8 +10,8 @@ import collections
 import dataclasses
 from collections.abc import Callable
 
-from ._reasons import Reason
 from ._errors import ConnectionEnded
+from ._reasons import Reason
 
 __all__ = ["Gate", "Held", "Limits", "RateLimiter"]
 

@@ -14,19 +14,20 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["setup_logging"]
+__all__ = ["iso_utc", "setup_logging"]
 
 _encoder = msgspec.json.Encoder()
 
 
-def _ts(record: logging.LogRecord) -> str:
-    return datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def iso_utc(ts: float) -> str:
+    """A Unix time as the logs and the access log write it: ISO 8601, UTC, milliseconds, "Z"."""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", {})
-        line = f"{_ts(record)} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        line = f"{iso_utc(record.created)} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
         for key, value in fields.items():
             line += f" {key}={_encoder.encode(value).decode()}"
         if record.exc_info:
@@ -36,7 +37,7 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        obj: dict[str, Any] = {"ts": _ts(record), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        obj: dict[str, Any] = {"ts": iso_utc(record.created), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         obj.update(getattr(record, "fields", {}))
         if record.exc_info:
             obj["traceback"] = "".join(traceback.format_exception(*record.exc_info))

@@ -38,7 +38,7 @@ __all__ = ["CONTENT_TYPE", "LIMIT_REASONS", "prometheus_number", "render_metrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "triofwd_"
-# The terminations that mean a limit turned the connection away (CONTRACT.md reasons).
+# The terminations that mean a limit turned the connection away.
 LIMIT_REASONS = (Reason.CAPACITY.value, Reason.IP_LIMIT.value, Reason.RATE_LIMITED.value)
 CIRCUIT_STATES = tuple(c.value for c in Circuit)
 
@@ -89,7 +89,10 @@ def render_metrics(stats: Mapping[str, Any], route_names: Iterable[str] = ()) ->
     family("offload_bytes_total", "counter", "Bytes of offload routes, counted by the kernel (nftables).",
            (("offload_bytes_total", {"route": n}, routes[n]["offload"]["bytes"]) for n in offloaded))  # fmt: skip
     targets = [(route, row) for route, rows in sorted(stats.get("targets", {}).items()) for row in rows]
-    label = lambda route, row: {"route": route, "target": row["target"]}  # noqa: E731
+
+    def label(route: str, row: Mapping[str, Any]) -> dict[str, str]:
+        return {"route": route, "target": row["target"]}
+
     family("target_up", "gauge", "1 while the target passes its health checks (always 1 without health_check).",
            (("target_up", label(r, t), int(t["up"])) for r, t in targets))  # fmt: skip
     family("target_circuit_state", "gauge", "The target's circuit breaker: 1 for the state it is in (closed, half-open, open).",

@@ -17,8 +17,8 @@ import h11
 import trio
 
 from ._addresses import format_address
-from ._metrics import CONTENT_TYPE
 from ._errors import ListenError
+from ._metrics import CONTENT_TYPE
 
 __all__ = ["bind_metrics", "serve_metrics", "serve_metrics_on"]
 
@@ -118,11 +118,11 @@ def _respond(request: h11.Request, render: Render) -> tuple[int, list[tuple[byte
     return 200, [(b"content-type", CONTENT_TYPE.encode())], render().encode()
 
 
-async def _send(
-    conn: h11.Connection, stream: trio.SocketStream, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, head: bool = False
-) -> None:
+async def _send(conn: h11.Connection, stream: trio.SocketStream, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, head: bool = False) -> None:
     # HEAD: the headers a GET would get, Content-Length included, and no body (RFC 9110 9.3.2).
-    data = conn.send(h11.Response(status_code=status, reason=http.HTTPStatus(status).phrase.encode(), headers=[*headers, (b"content-length", str(len(body)).encode())]))
+    data = conn.send(
+        h11.Response(status_code=status, reason=http.HTTPStatus(status).phrase.encode(), headers=[*headers, (b"content-length", str(len(body)).encode())])
+    )
     if body and not head:
         data += conn.send(h11.Data(data=body))
     data += conn.send(h11.EndOfMessage())

@@ -63,6 +63,8 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ._addresses import IPAddress, IPNetwork
+
 __all__ = [
     "DEFAULT_TABLE",
     "NftError",
@@ -109,9 +111,6 @@ PORT_MIN = 1
 PORT_MAX = 65535
 INDENT = "\t"
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 
 class NftError(ValueError):
     """Input refused before nft ran, or nft itself failed (message says which)."""
@@ -157,17 +156,13 @@ class _Route:
 
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or ROUTE_NAME_RE.fullmatch(name) is None:
-        raise NftError(
-            f"route name {name!r} is invalid: expected 1-63 characters from A-Z a-z 0-9 _ . -"
-        )
+        raise NftError(f"route name {name!r} is invalid: expected 1-63 characters from A-Z a-z 0-9 _ . -")
     return name
 
 
 def _check_table(table: object) -> str:
     if not isinstance(table, str) or TABLE_NAME_RE.fullmatch(table) is None:
-        raise NftError(
-            f"table name {table!r} is invalid: expected a letter then up to 31 of A-Z a-z 0-9 _"
-        )
+        raise NftError(f"table name {table!r} is invalid: expected a letter then up to 31 of A-Z a-z 0-9 _")
     return table
 
 
@@ -214,19 +209,10 @@ def _merge_ports(name: str, values: object) -> tuple[tuple[int, int], ...]:
     for value in values:
         if _is_port(value):
             ranges.append((value, value))
-        elif (
-            isinstance(value, (tuple, list))
-            and len(value) == 2
-            and _is_port(value[0])
-            and _is_port(value[1])
-            and value[0] <= value[1]
-        ):
+        elif isinstance(value, (tuple, list)) and len(value) == 2 and _is_port(value[0]) and _is_port(value[1]) and value[0] <= value[1]:
             ranges.append((value[0], value[1]))
         else:
-            raise NftError(
-                f"route {name!r}: listen port {value!r} is neither a port in 1-65535"
-                " nor an ordered (low, high) pair of such ports"
-            )
+            raise NftError(f"route {name!r}: listen port {value!r} is neither a port in 1-65535 nor an ordered (low, high) pair of such ports")
     # Merge overlapping and adjacent ranges: nft refuses overlapping
     # intervals in a set, and merged text is canonical.
     merged: list[tuple[int, int]] = []
@@ -260,10 +246,7 @@ def _normalize(rule: OffloadRule) -> _Route:
         if address.is_unspecified or address.is_multicast:
             raise NftError(f"route {name!r}: target host {host!r} is not a unicast address")
         if address.version != version:
-            raise NftError(
-                f"route {name!r}: target host {host!r} is {_family_word(address.version)}"
-                f" but bind {rule.bind!r} is {_family_word(version)}"
-            )
+            raise NftError(f"route {name!r}: target host {host!r} is {_family_word(address.version)} but bind {rule.bind!r} is {_family_word(version)}")
         if not _is_port(port):
             raise NftError(f"route {name!r}: target port {port!r} is not in 1-65535")
         targets.append((address, port))
@@ -276,10 +259,7 @@ def _normalize(rule: OffloadRule) -> _Route:
     if allow_all:
         allow = _collapse(net for net in allow_all if net.version == version)
         if not allow:
-            raise NftError(
-                f"route {name!r}: client_ips has no {_family_word(version)} entry,"
-                " so every client would be refused"
-            )
+            raise NftError(f"route {name!r}: client_ips has no {_family_word(version)} entry, so every client would be refused")
     block = _collapse(net for net in block_all if net.version == version)
 
     if type(rule.preserve_source_ip) is not bool:
@@ -300,7 +280,7 @@ def _normalize(rule: OffloadRule) -> _Route:
 def _collapse(networks: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
     # nft refuses overlapping intervals in a set; collapsing also makes the
     # output canonical.  All networks here share one family.
-    return tuple(ipaddress.collapse_addresses(list(networks)))  # type: ignore[arg-type]
+    return tuple(ipaddress.collapse_addresses(list(networks)))  # type: ignore[type-var]  # one family: see above
 
 
 def _check_overlaps(routes: Sequence[_Route]) -> None:
@@ -320,10 +300,7 @@ def _check_overlaps(routes: Sequence[_Route]) -> None:
                 for low2, high2 in second.ports:
                     if low1 <= high2 and low2 <= high1:
                         port = max(low1, low2)
-                        raise NftError(
-                            f"routes {first.name!r} and {second.name!r} both claim"
-                            f" {_family_word(first.version)} port {port}"
-                        )
+                        raise NftError(f"routes {first.name!r} and {second.name!r} both claim {_family_word(first.version)} port {port}")
 
 
 def validate_rule(rule: OffloadRule) -> None:
@@ -410,12 +387,8 @@ def _dnat_rules(route: _Route) -> list[str]:
         address, port = route.targets[0]
         rules.append(f"{select} dnat {ip} to {_endpoint_text(address, port)}")
     else:
-        mapping = _elements(
-            f"{index} : {address} . {port}" for index, (address, port) in enumerate(route.targets)
-        )
-        rules.append(
-            f"{select} dnat {ip} to numgen inc mod {len(route.targets)} map {mapping}"
-        )
+        mapping = _elements(f"{index} : {address} . {port}" for index, (address, port) in enumerate(route.targets))
+        rules.append(f"{select} dnat {ip} to numgen inc mod {len(route.targets)} map {mapping}")
     return rules
 
 
@@ -493,16 +466,12 @@ def render_ruleset(rules: Sequence[OffloadRule], table: str = DEFAULT_TABLE, pre
         masquerade = [
             # Not toward lo: a loopback-to-loopback connection has no other source address
             # to take, and masquerading it drops the SYN on a host with only loopback.
-            f'oif != "lo" {_connection_match(route)} masquerade' for route in routes if route.masquerade
-        ]
-        count_in = [
-            f'iif != "lo" {_connection_match(route)} counter name "{COUNTER_PREFIX}{route.name}"'
+            f'oif != "lo" {_connection_match(route)} masquerade'
             for route in routes
+            if route.masquerade
         ]
-        count_out = [
-            f'{_connection_match(route)} counter name "{COUNTER_PREFIX}{route.name}"'
-            for route in routes
-        ]
+        count_in = [f'iif != "lo" {_connection_match(route)} counter name "{COUNTER_PREFIX}{route.name}"' for route in routes]
+        count_out = [f'{_connection_match(route)} counter name "{COUNTER_PREFIX}{route.name}"' for route in routes]
         body += [
             _chain_lines("prerouting", "nat", "prerouting", PRIORITY_DSTNAT, dnat),
             _chain_lines("output", "nat", "output", PRIORITY_DSTNAT, dnat),
@@ -591,9 +560,7 @@ def read_counters(table: str = DEFAULT_TABLE, *, binary: str = NFT_BINARY) -> di
     table = _check_table(table)
     result = _run_nft(["-j", "list", "counters", "table", TABLE_FAMILY, table], binary)
     if result.returncode != 0:
-        raise NftError(
-            f"nft list counters failed (exit {result.returncode}): {result.stderr.strip()}"
-        )
+        raise NftError(f"nft list counters failed (exit {result.returncode}): {result.stderr.strip()}")
     try:
         items = json.loads(result.stdout)["nftables"]
     except (ValueError, KeyError, TypeError) as exc:

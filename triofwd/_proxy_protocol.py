@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from ._addresses import IPAddress
+
 # --- Version 1, text (§2.1) --------------------------------------------------
 
 V1_PREFIX = b"PROXY "
@@ -142,12 +144,7 @@ def encode_v2(
     else:
         (src_ip, src_port), (dst_ip, dst_port) = pair
         fam = V2_TCP4 if src_ip.version == 4 else V2_TCP6
-        addresses = (
-            src_ip.packed
-            + dst_ip.packed
-            + src_port.to_bytes(2, "big")
-            + dst_port.to_bytes(2, "big")
-        )
+        addresses = src_ip.packed + dst_ip.packed + src_port.to_bytes(2, "big") + dst_port.to_bytes(2, "big")
 
     payload = addresses + b"".join(_encode_tlv(t, v) for t, v in tlvs)
     # Never emit what our own parser would refuse.
@@ -164,12 +161,7 @@ def _encode_tlv(tlv_type: int, value: bytes) -> bytes:
     return bytes((tlv_type,)) + len(value).to_bytes(2, "big") + bytes(value)
 
 
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _address_pair(
-    source: SockAddr | None, destination: SockAddr | None
-) -> tuple[tuple[_IPAddress, int], tuple[_IPAddress, int]] | None:
+def _address_pair(source: SockAddr | None, destination: SockAddr | None) -> tuple[tuple[IPAddress, int], tuple[IPAddress, int]] | None:
     """Validate both addresses; None when they cannot share one family."""
     if source is None or destination is None:
         return None
@@ -180,7 +172,7 @@ def _address_pair(
     return src, dst
 
 
-def _socket_address(address: SockAddr) -> tuple[_IPAddress, int]:
+def _socket_address(address: SockAddr) -> tuple[IPAddress, int]:
     if not isinstance(address, tuple) or len(address) not in (2, 4):
         raise ProxyHeaderError(f"{address!r} is not a (host, port) tuple")
     host, port = address[0], address[1]
@@ -243,9 +235,7 @@ def _parse_v1_line(line: bytes) -> ProxyHeader:
     unknown = V1_PREFIX + V1_UNKNOWN.encode("ascii")
     # §2.1: for UNKNOWN the receiver must ignore anything before the CRLF.
     if line == unknown or line.startswith(unknown + b" "):
-        return ProxyHeader(
-            version=1, command="PROXY", family=V1_UNKNOWN, source=None, destination=None
-        )
+        return ProxyHeader(version=1, command="PROXY", family=V1_UNKNOWN, source=None, destination=None)
     if not line.isascii():
         raise ProxyHeaderError("non-ASCII v1 header")
     # Splitting on single spaces turns any doubled space into an empty field,

@@ -13,17 +13,19 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import trio
 
-from ._reasons import Reason, failure_means
+from ._endings import failure_means
 from ._errors import ConnectionEnded
+from ._rawsock import raw_socket
+from ._reasons import Reason
 from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, SpliceError, copy_once, drain_pipe, lift_send_lowat, send_rest, shared_buffer, splice_once
 
 if TYPE_CHECKING:
-    from ._record import Connection
     from ._policy import Policy
+    from ._record import Connection
 
 __all__ = ["IN", "OUT", "ReplayStream", "Traffic", "TrafficStream", "relay", "traffic_nursery"]
 
@@ -49,7 +51,7 @@ class Traffic:
     the work, so that the warning always comes first and the grace period after it is whole.
     """
 
-    __slots__ = ("conn", "scope", "window", "half_window", "half_deadline", "warn_after", "grace", "open_directions", "finished")
+    __slots__ = ("conn", "finished", "grace", "half_deadline", "half_window", "open_directions", "scope", "warn_after", "window")
 
     def __init__(self, conn: Connection, scope: trio.CancelScope, policy: Policy) -> None:
         self.conn = conn
@@ -172,8 +174,8 @@ async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, dir
     """
     src_failed, dst_failed = _RESET[direction]
     if _spliceable(src, dst):
-        src_sock, dst_sock = src.socket, dst.socket
-        raw_src, raw_dst = src_sock._sock, dst_sock._sock  # noqa: SLF001 - the non-blocking stdlib sockets under trio's
+        src_sock, dst_sock = cast(trio.SocketStream, src).socket, cast(trio.SocketStream, dst).socket
+        raw_src, raw_dst = raw_socket(src_sock), raw_socket(dst_sock)
         src_fd, dst_fd = src_sock.fileno(), dst_sock.fileno()
         buffer = shared_buffer()
         bulk = lifted = False

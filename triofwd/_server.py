@@ -20,10 +20,10 @@ from typing import IO, Any
 import trio
 
 from ._accesslog import AccessLog
+from ._addresses import ListenKey
 from ._config import Config
 from ._connection import run_connection
 from ._context import ConnectionContext
-from ._addresses import ListenKey
 from ._listeners import Listeners, Opened, bind_all, close_all, offload_only
 from ._offload import KernelRules, kernel_rules
 from ._record import Connection

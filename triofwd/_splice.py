@@ -24,6 +24,8 @@ import threading
 
 import trio
 
+from ._rawsock import raw_socket
+
 __all__ = ["POOL", "Pipe", "PipePool", "SpliceError", "copy_once", "drain_pipe", "lift_send_lowat", "send_rest", "shared_buffer", "splice_once"]
 
 # Bytes asked of one splice call; also the pipe's capacity (1 MiB is the default
@@ -156,10 +158,11 @@ def copy_once(src: socket.socket, dst: socket.socket, buffer: memoryview) -> tup
 async def send_rest(dst: trio.socket.SocketType, rest: bytes) -> None:
     """Send what copy_once could not, waiting for dst to drain."""
     view = memoryview(rest)
+    raw = raw_socket(dst)
     while view:
         await trio.lowlevel.wait_writable(dst)
         try:
-            view = view[dst._sock.send(view, _SEND_FLAGS) :]  # noqa: SLF001 - the raw non-blocking send
+            view = view[raw.send(view, _SEND_FLAGS) :]
         except BlockingIOError:
             pass
         except OSError as exc:

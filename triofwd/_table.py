@@ -8,12 +8,12 @@ the same checks. `RouteTable.match` picks the route for one connection.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
 import inspect
 import ipaddress
-import contextlib
 import math
 import pathlib
 import re
@@ -24,15 +24,13 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import msgspec
-
 from ._addresses import IPNetwork, ListenKey, client_address, in_any
-from ._config import ROUTE_OVERRIDES, TLS, Config, Route, Settings, read_config, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target
+from ._config import ROUTE_OVERRIDES, TLS, Config, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target, read_config
 from ._errors import ConfigError
 from ._health import CheckPolicy, CircuitPolicy
 from ._limits import Limits
-from ._policy import DURATION_KEYS, Policy
 from ._nft import ROUTE_NAME_RE, NftError, OffloadRule, check_rules, validate_rule
+from ._policy import DURATION_KEYS, Policy
 from ._reasons import Reason
 from ._tls import RouteTLS
 
@@ -223,14 +221,16 @@ def _limits(errors: _Errors, path: str, values: dict[str, Any]) -> Limits:
 
 
 def _is_async(obj: Any) -> bool:
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(getattr(obj, "__call__", None))
+    # A callable object's __call__ is async: an instance with `async def __call__` is a handler too.
+    return inspect.iscoroutinefunction(obj) or (callable(obj) and inspect.iscoroutinefunction(type(obj).__call__))
 
 
 def _resolve_handler(spec: Any) -> Callable[..., Any]:
     if callable(spec):
         if not _is_async(spec):
             raise ValueError(f"handler {spec!r} must be an async callable (stream, info)")
-        return spec
+        handler: Callable[..., Any] = spec
+        return handler
     if not isinstance(spec, str) or not spec:
         raise ValueError('action = "handler" needs handler = "package.module:function"')
     module_name, sep, attr = spec.partition(":")
@@ -238,7 +238,7 @@ def _resolve_handler(spec: Any) -> Callable[..., Any]:
         raise ValueError(f'invalid handler {spec!r}: expected "package.module:function"')
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # an import runs arbitrary code: report any failure as a config error
+    except Exception as exc:  # noqa: BLE001 - an import runs arbitrary code: report any failure as a config error
         raise ValueError(f"cannot import handler module {module_name!r}: {exc}") from None
     obj: Any = module
     for part in attr.split("."):
@@ -247,7 +247,8 @@ def _resolve_handler(spec: Any) -> Callable[..., Any]:
         raise ValueError(f"handler {spec!r} is not a callable in {module_name!r}")
     if not _is_async(obj):
         raise ValueError(f"handler {spec!r} must be an async callable (stream, info)")
-    return obj
+    found: Callable[..., Any] = obj
+    return found
 
 
 def _check_choices(errors: _Errors, path: str, obj: Route | Settings) -> None:
@@ -322,7 +323,7 @@ def _route_tls(spec: TLS, loaded: dict[tuple[str, ...], RouteTLS]) -> RouteTLS:
 def _positive_duration(text: str) -> float:
     seconds = parse_duration(text)
     if seconds == math.inf:
-        raise ValueError(f"invalid duration {text!r}: this one cannot be off, give a positive duration such as \"1s\"")
+        raise ValueError(f'invalid duration {text!r}: this one cannot be off, give a positive duration such as "1s"')
     return seconds
 
 
@@ -410,12 +411,15 @@ def compile_table(config: Config) -> RouteTable:
         tls, bridge_to = _compile_tls(errors, path, route, tls_loaded)
         if bridge_to is not None:
             if route.targets:  # the external terminator has its own targets; ours would be ignored
-                errors.add(f"{path}.targets", "targets are not used with bridge_to = \"host:port\": the terminator there has its own")
+                errors.add(f"{path}.targets", 'targets are not used with bridge_to = "host:port": the terminator there has its own')
             targets = (bridge_to,)  # the one hop this route dials
         if route.proxy_protocol and route.action in ("reject", "handler"):
             errors.add(f"{path}.proxy_protocol", f'proxy_protocol is the header sent to a target: action = "{route.action}" dials none')
         elif route.proxy_protocol and bridge_to is not None:
-            errors.add(f"{path}.proxy_protocol", 'proxy_protocol is not used with bridge_to = "host:port": the hop always carries PROXY v2, and the terminator there decides what its targets get')
+            errors.add(
+                f"{path}.proxy_protocol",
+                'proxy_protocol is not used with bridge_to = "host:port": the hop always carries PROXY v2, and the terminator there decides what its targets get',
+            )
         if route.accept_proxy_protocol and not settings.trusted_proxies:
             errors.add(f"{path}.accept_proxy_protocol", "accept_proxy_protocol needs [settings] trusted_proxies: the addresses allowed to send the header")
         own = {key: getattr(route, key) for key in ROUTE_OVERRIDES}
@@ -474,9 +478,10 @@ def load_table(path: str | pathlib.Path) -> RouteTable:
         raise ConfigError(exc.errors, str(path)) from None
 
 
-# The table load_config compiled for each Config it returned, with the Config's encoding at
-# the time: `as_table` takes it instead of compiling again while the Config is unchanged.
-_COMPILED: weakref.WeakKeyDictionary[Config, tuple[bytes, RouteTable]] = weakref.WeakKeyDictionary()
+# The table load_config compiled for each Config it returned (by the Config's id, while it
+# lives), with a copy of the Config as it was: `as_table` takes it instead of compiling
+# again while the Config is unchanged. (A Config is mutable, so it cannot key a dict itself.)
+_COMPILED: dict[int, tuple[weakref.ref[Config], Config, RouteTable]] = {}
 
 
 def load_config(path: str | pathlib.Path) -> Config:
@@ -489,9 +494,14 @@ def load_config(path: str | pathlib.Path) -> Config:
     reads renewed certificates).
     """
     table = load_table(path)
-    with contextlib.suppress(TypeError):  # a value that cannot be encoded: no reuse, a compile
-        _COMPILED[table.config] = (msgspec.msgpack.encode(table.config), table)
-    return table.config
+    config, key = table.config, id(table.config)
+    forget = functools.partial(_forget, _COMPILED, key)  # holds the dict itself: it may outlive the module's globals
+    _COMPILED[key] = (weakref.ref(config, forget), copy.deepcopy(config), table)
+    return config
+
+
+def _forget(compiled: dict[int, Any], key: int, _: object) -> None:
+    compiled.pop(key, None)
 
 
 def as_table(config: Config | RouteTable) -> RouteTable:
@@ -499,11 +509,9 @@ def as_table(config: Config | RouteTable) -> RouteTable:
     compiled now (ConfigError if it cannot be served)."""
     if isinstance(config, RouteTable):
         return config
-    found = _COMPILED.pop(config, None)
-    if found is not None:
-        with contextlib.suppress(TypeError):
-            if msgspec.msgpack.encode(config) == found[0]:
-                return found[1]
+    found = _COMPILED.pop(id(config), None)
+    if found is not None and found[0]() is config and config == found[1]:
+        return found[2]
     return compile_table(config)
 
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._balance import Balancer
-from ._dial import connect_failed, connect_failure, open_target
 from ._addresses import format_address
-from ._health import Circuit, CheckPolicy, TargetHealth
+from ._balance import Balancer
+from ._connect import connect_failed, connect_failure, open_target
+from ._health import CheckPolicy, Circuit, TargetHealth
 from ._reasons import Reason
 
 if TYPE_CHECKING:
@@ -105,8 +105,8 @@ class RouteTargets:
 
     def __init__(self, route: CompiledRoute, previous: RouteTargets | None = None) -> None:
         self.route = route
-        carried = {t.address: t for t in previous.targets} if previous is not None else {}
-        self.targets = [carried.pop(address, None) or Target(address, route) for address in route.targets]
+        carried: dict[tuple[str, int], Target] = {t.address: t for t in previous.targets} if previous is not None else {}
+        self.targets: list[Target] = [carried.pop(address) if address in carried else Target(address, route) for address in route.targets]
         for target in self.targets:
             # Carried state lasts only while its policy does: a route that no longer checks
             # (or breaks circuits) must not keep a target out on the strength of old checks.
@@ -114,7 +114,7 @@ class RouteTargets:
             target.trim_warm(route.warm)
         same = previous is not None and previous.route.targets == route.targets and previous.route.balance == route.balance
         # An unchanged balancer keeps its turn and the holds of connections still open.
-        self.balancer = previous.balancer if same and previous is not None else Balancer(route.targets, route.balance)
+        self.balancer: Balancer = previous.balancer if same and previous is not None else Balancer(route.targets, route.balance)
         self.dropped = list(carried.values())  # targets the new list no longer has
         self.scope = trio.CancelScope()
 
@@ -189,10 +189,7 @@ class RouteTargets:
     def describe(self, now: float) -> list[dict[str, Any]]:
         """Each target's state, as `routes`, `stats` and metrics show it."""
         active = self.balancer.active
-        return [
-            {"target": target.name, "active": active[i], "warm": len(target.warm), **target.health.describe(now)}
-            for i, target in enumerate(self.targets)
-        ]
+        return [{"target": target.name, "active": active[i], "warm": len(target.warm), **target.health.describe(now)} for i, target in enumerate(self.targets)]
 
 
 async def probe(address: tuple[str, int], policy: CheckPolicy) -> str | None:

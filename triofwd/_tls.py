@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._reasons import Reason
 from ._errors import ConnectionEnded
+from ._reasons import Reason
 
 if TYPE_CHECKING:
     from ._config import TLS
@@ -63,7 +63,7 @@ class RouteTLS:
             ctx.set_alpn_protocols(list(alpn))
         return ctx
 
-    def _cached(self, cache: dict[tuple[str, ...], ssl.SSLContext], alpn: tuple[str, ...], make) -> ssl.SSLContext:  # noqa: ANN001
+    def _cached(self, cache: dict[tuple[str, ...], ssl.SSLContext], alpn: tuple[str, ...], make: Callable[[tuple[str, ...]], ssl.SSLContext]) -> ssl.SSLContext:
         ctx = cache.get(alpn)
         if ctx is None:
             if len(cache) >= MAX_CACHED_CONTEXTS:
@@ -94,7 +94,7 @@ def _handshake_errors(reset: Reason) -> Iterator[None]:
         raise ConnectionEnded(reset, str(exc.__cause__ or exc)) from exc
 
 
-async def handshake(stream: trio.SSLStream, *, peer_is_client: bool) -> None:
+async def handshake(stream: trio.SSLStream[Any], *, peer_is_client: bool) -> None:
     """Complete a handshake; a TLS failure ends the connection with tls_error, a reset with the peer's reset.
 
     A peer refused by the TLS library (no shared version, a bad certificate) is first sent
@@ -110,7 +110,7 @@ async def handshake(stream: trio.SSLStream, *, peer_is_client: bool) -> None:
         raise
 
 
-def unsent_output(stream: trio.SSLStream) -> bytes:
+def unsent_output(stream: trio.SSLStream[Any]) -> bytes:
     """What the TLS library wrote that trio has not sent: after a failed handshake, the alert.
 
     trio's SSLStream raises as soon as the library fails, leaving the alert in its outgoing
@@ -120,7 +120,7 @@ def unsent_output(stream: trio.SSLStream) -> bytes:
     return outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
 
 
-async def _send_alert(stream: trio.SSLStream) -> None:
+async def _send_alert(stream: trio.SSLStream[Any]) -> None:
     alert = unsent_output(stream)
     if alert:
         with trio.move_on_after(ALERT_TIMEOUT):

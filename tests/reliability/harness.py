@@ -41,9 +41,9 @@ from typing import Any
 import trio
 
 import triofwd
+from tests.conftest import Daemon, fd_kinds, fd_targets, receive_all, receive_exactly, rst_close
 from triofwd._splice import POOL_LIMIT
 from triofwd._targets import alive
-from tests.conftest import Daemon, fd_kinds, fd_targets, receive_all, receive_exactly, rst_close
 
 HERE = pathlib.Path(__file__).resolve().parent
 # On the daemon's PYTHONPATH: sitecustomize.py there injects DNS faults (names under .invalid).

@@ -14,8 +14,8 @@ import trio
 
 from tests.conftest import backend, echo, receive_all, receive_exactly, receive_one_or_eof, rst_close
 from tests.reliability.harness import MIB, half_open_target, route_file, rss_bytes, trickle
-from triofwd._clienthello import build_client_hello
 from triofwd._proxy_protocol import encode_v2
+from triofwd.testing import build_client_hello
 
 GIVE_UP = 60  # no scenario here may take longer, whatever happens
 

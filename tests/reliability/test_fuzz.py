@@ -9,6 +9,7 @@ them. Unbounded runs of the same targets: `make fuzz` (fuzz/).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pathlib
@@ -17,7 +18,6 @@ import tempfile
 from typing import Any
 
 import msgspec
-import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, example, given, settings
@@ -29,11 +29,14 @@ from tests.reliability.harness import route_file
 from tests.test_clienthello import valid_hellos
 from tests.test_proxy_protocol import valid_headers
 from triofwd._clienthello import ClientHelloError, parse_client_hello
-from triofwd._config import TLS, HealthCheck as HealthCheckSpec, Route, Settings
-from triofwd._control import HANDSHAKE_TIMEOUT, ControlServer, Reply, _WatchRequest
-from triofwd._firstbytes import FirstBytes, read_client_hello, read_proxy_header
-from triofwd._proxy_protocol import ProxyHeaderError, parse_proxy_header
+from triofwd._config import TLS, Route, Settings
+from triofwd._config import HealthCheck as HealthCheckSpec
 from triofwd._errors import ConnectionEnded
+from triofwd._firstbytes import FirstBytes, read_client_hello, read_proxy_header
+from triofwd._proxy_protocol import parse_proxy_header
+from triofwd.control import ControlServer
+from triofwd.control.messages import Reply, WatchRequest
+from triofwd.control.server import HANDSHAKE_TIMEOUT
 
 BOUNDED = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -159,7 +162,7 @@ def test_the_reliability_route_files_themselves_load() -> None:
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 async def fed(chunks: list[bytes], eof: bool) -> trio.testing.MemoryReceiveStream:
@@ -272,7 +275,7 @@ def test_control_messages_always_get_a_reply(batch: list[bytes]) -> None:
                 server = ControlServer(fwd)
                 for data in batch:
                     outcome = await server.dispatch(data)
-                    assert isinstance(outcome, Reply | _WatchRequest)
+                    assert isinstance(outcome, Reply | WatchRequest)
                     if isinstance(outcome, Reply):
                         assert outcome.ok or isinstance(outcome.error, str)
                         msgspec.json.encode(outcome)

@@ -43,9 +43,9 @@ import trustme
 import triofwd
 from tests.conftest import AccessLogCapture, backend, echo, open_fds, receive_all, split
 from triofwd import _connection
-from triofwd._clienthello import build_client_hello
+from triofwd._endings import leaves
 from triofwd._proxy_protocol import encode_v2
-from triofwd._reasons import leaves
+from triofwd.testing import build_client_hello
 
 RUN_CONNECTION = _connection.run_connection.__code__
 PACKAGE = str(pathlib.Path(triofwd.__file__).resolve().parent)
@@ -87,7 +87,7 @@ class Injector(trio.abc.Instrument):
         if task not in self.started:  # its first step starts it: nothing awaited yet
             self.started.add(task)
             return
-        if not isinstance(task._next_send, (outcome.Value, outcome.Error)):  # noqa: SLF001 - how trio resumes it
+        if not isinstance(task._next_send, (outcome.Value, outcome.Error)):
             return
         if in_nursery_exit(task):
             return
@@ -116,13 +116,13 @@ def in_nursery_exit(task: Any) -> bool:
     """The task waits in a nursery's exit for its children: trio resumes that wait only when
     they are done, and keeps its own bookkeeping around it, so no fault can arise there.
     (trio's own state says so: the innermost nursery of the task no longer runs its body.)"""
-    nurseries = task._child_nurseries  # noqa: SLF001
-    return bool(nurseries) and not nurseries[-1]._nested_child_running  # noqa: SLF001
+    nurseries = task._child_nurseries
+    return bool(nurseries) and not nurseries[-1]._nested_child_running
 
 
 def raising(make: Callable[[], BaseException]) -> Callable[[Any], None]:
     def act(task: Any) -> None:
-        task._next_send = outcome.Error(make())  # noqa: SLF001 - the await resumes by raising this
+        task._next_send = outcome.Error(make())
 
     return act
 
@@ -221,12 +221,12 @@ def paths(target: str, tls_target: str, certs: pathlib.Path, ca: trustme.CA) -> 
             "forward: PROXY header in and out, limits",
             r("fwd", targets=[target], accept_proxy_protocol=True, proxy_protocol="v2", max_connections_per_ip=10, connection_rate_per_ip="1000/s"),
             plain_client(header),
-            ("_firstbytes:_more", "_dial:open_target", "_actions:_send_proxy_header", "_pump:pump"),
+            ("_firstbytes:_more", "_connect:open_target", "_actions:_send_proxy_header", "_pump:pump"),
             {"trusted_proxies": ["127.0.0.0/8"]},
         ),
-        Path("forward on SNI", r("sni", targets=[target], domains=["front.example"]), plain_client(build_client_hello("front.example")), ("_firstbytes:_more", "_dial:open_target", "_pump:pump")),
-        Path("bridge terminate", r("term", action="bridge", targets=[target], tls=tls), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_dial:open_target", "_pump:_move_copied", "_pump:aclose")),
-        Path("bridge reencrypt", r("reenc", action="bridge", targets=[tls_target], tls=reencrypt), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_dial:open_target", "_pump:_move_copied")),
+        Path("forward on SNI", r("sni", targets=[target], domains=["front.example"]), plain_client(build_client_hello("front.example")), ("_firstbytes:_more", "_connect:open_target", "_pump:pump")),
+        Path("bridge terminate", r("term", action="bridge", targets=[target], tls=tls), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_connect:open_target", "_pump:_move_copied", "_pump:aclose")),
+        Path("bridge reencrypt", r("reenc", action="bridge", targets=[tls_target], tls=reencrypt), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_connect:open_target", "_pump:_move_copied")),
         Path("handler", r("hdl", action="handler", handler=echo_handler), plain_client(), ("_pump:receive_some", "_pump:send_all", "_pump:send_eof")),
         Path(
             "forward, keepalive extended",
@@ -349,7 +349,7 @@ async def test_a_cancellation_or_interrupt_at_every_await_stops_the_forwarder_cl
                             injector.reset(step, act)
                             address = split(fwd.addresses[path.route.name][0])
 
-                            async def client(address: tuple[str, int] = address, done: trio.Event = client_done) -> None:
+                            async def client(address: tuple[str, int] = address, done: trio.Event = client_done, path: Path = path) -> None:
                                 with trio.fail_after(STEP_TIMEOUT):
                                     await _tolerant(path.client(address))
                                 done.set()

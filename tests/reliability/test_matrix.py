@@ -96,7 +96,7 @@ class Run:
                 except UNTIMELY:
                     if not ended_by_a_clock(case):
                         raise
-        except Exception as exc:  # noqa: BLE001 - reported with the others
+        except Exception as exc:
             self.failures.append(f"{case.name}: {exc!r}")
         finally:
             self.arrive(case)  # a failed case must not keep the others waiting
@@ -311,7 +311,6 @@ def _line_problems(case: matrix.Case, peer: Peer, line: dict[str, Any], warned: 
         seen = None if header is None else "%s:%d" % header.source
         if seen != peer.client:
             problems.append(f"the target's PROXY header named {seen}, expected {peer.client}")
-    if fault == "target_half_close" and combo.action in ("forward", "offload"):
-        if record.after_halfclose.get(case.name) != b"more":
-            problems.append(f"after its half-close the target read {record.after_halfclose.get(case.name)!r}, expected b'more'")
+    if fault == "target_half_close" and combo.action in ("forward", "offload") and record.after_halfclose.get(case.name) != b"more":
+        problems.append(f"after its half-close the target read {record.after_halfclose.get(case.name)!r}, expected b'more'")
     return problems

@@ -57,7 +57,8 @@ async def test_out_of_file_descriptors_then_recovered(scenario) -> None:
                 outcomes = [await roundtrip(client) for client in queued]
                 for client in queued:
                     await client.aclose()
-                assert await roundtrip(late := await s.open("echo", expect="normal"))
+                late = await s.open("echo", expect="normal")
+                assert await roundtrip(late)
                 await late.aclose()
                 await trio.to_thread.run_sync(s.daemon.wait_log, "accept on", 2)
             warnings = [e["msg"] for e in s.daemon.logs() if e["msg"].startswith("accept on")]

@@ -1,4 +1,4 @@
-"""The asyncio + uvloop reference forwarder of issue 6, measured beside triofwd by tools/bench.py.
+"""The asyncio + uvloop reference forwarder, measured beside triofwd by tools/bench.py.
 
     python tools/forwarders/asyncio_uvloop.py PORT TARGET_HOST TARGET_PORT [--bind 127.0.0.1]
 

@@ -1,4 +1,4 @@
-"""The "plain trio forwarder" of issue 6: the reference tools/bench.py measures triofwd against.
+"""The "plain trio forwarder": the reference tools/bench.py measures triofwd against.
 
     python tools/forwarders/plain_trio.py PORT TARGET_HOST TARGET_PORT [--bind 127.0.0.1]
 

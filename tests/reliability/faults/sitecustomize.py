@@ -26,7 +26,7 @@ def _delay(label: str, prefix: str) -> float | None:
     return None
 
 
-def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):  # noqa: A002 - socket.getaddrinfo's own names
+def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
     name = host.decode("ascii", "replace") if isinstance(host, bytes) else host
     if flags & socket.AI_NUMERICHOST or not isinstance(name, str) or not name.rstrip(".").endswith(".invalid"):
         return _real_getaddrinfo(host, port, family, type, proto, flags)
