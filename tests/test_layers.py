@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     ),
     **dict.fromkeys(["_limits", "_balance", "_tls", "_table"], 1),
     **dict.fromkeys(
-        ["_record", "_splice", "_firstbytes", "_connect", "_dial", "_targets", "_pump", "_accesslog", "_stats", "_context", "_actions", "_connection"], 2
+        ["_record", "_splice", "_firstbytes", "_connect", "_dial", "_targets", "_idle", "_engine", "_pump", "_accesslog", "_stats", "_context", "_actions", "_connection"], 2
     ),
     **dict.fromkeys(["_listeners", "_offload", "_server"], 3),
     **dict.fromkeys(

@@ -8,7 +8,7 @@ import threading
 import pytest
 import trio
 
-import triofwd._pump
+import triofwd._engine
 from tests.conftest import AccessLogCapture, backend, config, connect, echo, fd_kinds, forwarder, receive_all, route
 from triofwd._splice import POOL
 
@@ -38,7 +38,7 @@ async def one_exchange(payload: bytes) -> tuple[dict, str]:
 
 @pytest.fixture
 def copying(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(triofwd._pump, "SPLICE", False)
+    monkeypatch.setattr(triofwd._engine, "SPLICE", False)
 
 
 async def test_plain_forward_routes_take_the_splice_path() -> None:
@@ -83,7 +83,7 @@ async def test_a_handler_route_copies() -> None:
 async def test_bytes_are_counted_the_same_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     payload = os.urandom(3 * 1024 * 1024 + 17)
     spliced, path = await one_exchange(payload)
-    monkeypatch.setattr(triofwd._pump, "SPLICE", False)
+    monkeypatch.setattr(triofwd._engine, "SPLICE", False)
     copied, copy_path = await one_exchange(payload)
     assert (path, copy_path) in {("splice", "copy"), ("", "")}  # "" if the connection closed before it was read
     assert (spliced["bytes_in"], spliced["bytes_out"]) == (copied["bytes_in"], copied["bytes_out"]) == (len(payload), len(payload))

@@ -9,19 +9,19 @@ PROXY header, the TLS handshakes where TLS ends here, established, relay.
 
 from __future__ import annotations
 
-import math
 import socket
 from collections.abc import Awaitable, Callable
 
 import trio
 
+from . import _rawsock as rawsock
 from ._context import ConnectionContext
 from ._dial import dialed
 from ._endings import deadline_means, failure_means
 from ._errors import ConnectionEnded
 from ._firstbytes import FirstBytes
 from ._proxy_protocol import encode_v1, encode_v2
-from ._pump import ReplayStream, TrafficStream, relay, traffic_nursery
+from ._pump import ReplayStream, Traffic, TrafficStream, relay
 from ._reasons import Reason
 from ._record import Connection
 from ._table import CompiledRoute
@@ -29,14 +29,9 @@ from ._tls import handshake
 
 __all__ = ["ACTIONS", "HandlerInfo"]
 
-Action = Callable[[ConnectionContext, Connection, trio.SocketStream, CompiledRoute, FirstBytes], Awaitable[None]]
-# What the TLS to a target and back makes of the raw target: (the client side, the target side).
-Upgrade = Callable[[trio.SocketStream], Awaitable[tuple[trio.abc.Stream, trio.abc.Stream]]]
-
-# Kernel keep-alive (tcp_keepalive): probe every IDLE/KEEPALIVE_PROBE_DIVISOR seconds
-# after IDLE seconds of silence, and give up after KEEPALIVE_PROBES unanswered probes.
-KEEPALIVE_PROBE_DIVISOR = 4
-KEEPALIVE_PROBES = 4
+Action = Callable[[ConnectionContext, Connection, socket.socket, CompiledRoute, FirstBytes], Awaitable[None]]
+# The TLS this end speaks, made of the dialed target: (the client side, the target side).
+Secure = Callable[[socket.socket], Awaitable[tuple[trio.abc.Stream, trio.abc.Stream]]]
 # How long a terminated TLS connection may take to say close_notify at a normal end.
 CLOSE_NOTIFY_TIMEOUT = 1.0
 
@@ -56,84 +51,96 @@ class HandlerInfo:
         return f"HandlerInfo(id={self.id}, route={self.route!r}, client={self.client}, local={self.local})"
 
 
-def set_tcp_keepalive(stream: trio.SocketStream, idle: float) -> None:
-    """Turn on kernel keep-alive probes, so a peer that vanished is noticed without traffic."""
-    if idle == math.inf:
-        return
-    sock = stream.socket
-    seconds = max(1, int(idle))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, seconds // KEEPALIVE_PROBE_DIVISOR))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+def local_address(conn: Connection, sock: socket.socket) -> tuple[str, int]:
+    """The address the client connected to (the PROXY header's, where one was accepted),
+    read from the socket the first time something needs it."""
+    if conn.local is None:
+        local = sock.getsockname()
+        conn.local = (str(local[0]), int(local[1]))
+    return conn.local
 
 
-def _established(conn: Connection, route: CompiledRoute, *streams: trio.SocketStream) -> None:
-    for stream in streams:
-        set_tcp_keepalive(stream, route.policy.tcp_keepalive)
+def _established(ctx: ConnectionContext, conn: Connection, route: CompiledRoute, client: socket.socket, target: socket.socket) -> None:
+    """Kernel keep-alive on both sockets: the client's inherited it from its listener unless
+    its route asks for other than the listener's routes share."""
+    idle = route.policy.tcp_keepalive
+    if ctx.table.listener_keepalive(conn.listener) != idle:
+        rawsock.set_tcp_keepalive(client, idle)
+    rawsock.set_tcp_keepalive(target, idle)
     conn.state = "established"
 
 
-async def _send_proxy_header(version: str, conn: Connection, target: trio.abc.Stream) -> None:
+async def _send_proxy_header(version: str, conn: Connection, client: socket.socket, target: socket.socket) -> None:
     """The PROXY header (v1/v2) that tells the target who the real client is."""
     if not version:
         return
-    source, destination = (conn.client_ip, conn.client_port), conn.local
+    source, destination = (conn.client_ip, conn.client_port), local_address(conn, client)
     header = encode_v1(source, destination) if version == "v1" else encode_v2(source, destination)
     with failure_means(Reason.TARGET_RESET):
-        await target.send_all(header)
+        await rawsock.send_all(target, header)
 
 
 async def _dial_and_relay(
     ctx: ConnectionContext,
     conn: Connection,
     route: CompiledRoute,
-    client: trio.SocketStream,
-    client_side: trio.abc.Stream,
+    client: socket.socket,
     initial: bytes = b"",
     *,
     header: str | None = None,
     failure: Reason | None = None,
-    upgrade: Upgrade | None = None,
-) -> trio.abc.Stream:
+    tls: Secure | None = None,
+) -> None:
     """The one sequence of every route that dials: dial, the PROXY header (`header`, else the
-    route's), `upgrade` (TLS to the target, then to the client), established, relay (with
-    `initial`, the bytes already read, sent first). Returns the client side it relayed."""
+    route's), `tls` (the TLS this end speaks: to the client, the target or both), established,
+    relay (with `initial`, the bytes already read, sent first). Plain sockets both ways are
+    the data engine's; a TLS stream on either side is copied by the relay's pump tasks."""
     async with dialed(conn, route, ctx.targets.for_route(route), failure=failure) as target:
-        await _send_proxy_header(route.proxy_protocol if header is None else header, conn, target)
-        target_side: trio.abc.Stream = target
-        if upgrade is not None:
-            client_side, target_side = await upgrade(target)
-        _established(conn, route, client, target)
-        await relay(conn, client_side, target_side, route.policy, initial)
-    return client_side
+        await _send_proxy_header(route.proxy_protocol if header is None else header, conn, client, target)
+        if tls is None:
+            _established(ctx, conn, route, client, target)
+            with ctx.engine.attached(conn, client, target, route.policy) as relayed:
+                await relayed.run(initial)
+            return
+        client_side, target_side = await tls(target)
+        _established(ctx, conn, route, client, target)
+        await relay(conn, client_side, target_side, route.policy)
+    await _close_notify(client_side)
 
 
-async def forward(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+def stream_of(sock: socket.socket) -> trio.SocketStream:
+    """A trio stream over a raw socket, for the paths that need one (TLS, handlers)."""
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+async def forward(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
     """Bytes both ways between the client and a target; the first bytes already read go first."""
-    await _dial_and_relay(ctx, conn, route, client, client, first.data)
+    await _dial_and_relay(ctx, conn, route, client, first.data)
 
 
-async def bridge_to(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+async def bridge_to(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
     """The connection, ClientHello and all, to an external TLS terminator, told the real
     client by a PROXY v2 header on the hop; one that cannot be reached is bridge_error."""
-    await _dial_and_relay(ctx, conn, route, client, client, first.data, header="v2", failure=Reason.BRIDGE_ERROR)
+    await _dial_and_relay(ctx, conn, route, client, first.data, header="v2", failure=Reason.BRIDGE_ERROR)
 
 
-async def terminate(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+async def terminate(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
     """The built-in terminator, inside the connection's own scopes (no loopback hop, so
     nothing to leak): the client's handshake, bounded by initial_data_timeout (tls_error if
     it fails), then plaintext to a target."""
     assert route.tls is not None  # compile_table: a terminate route has its TLS
-    secure = trio.SSLStream(ReplayStream(client, first.data), route.tls.server_context(), server_side=True, https_compatible=True)
+    secure = trio.SSLStream(ReplayStream(stream_of(client), first.data), route.tls.server_context(), server_side=True, https_compatible=True)
     conn.state = "handshake"
     with deadline_means(route.policy.initial_data_timeout, Reason.INITIAL_DATA_TIMEOUT):
         await handshake(secure, peer_is_client=True)
-    await _dial_and_relay(ctx, conn, route, client, secure)
-    await _close_notify(secure)
+
+    async def plaintext_target(target: socket.socket) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+        return secure, stream_of(target)
+
+    await _dial_and_relay(ctx, conn, route, client, tls=plaintext_target)
 
 
-async def reencrypt(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+async def reencrypt(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
     """The built-in terminator, re-encrypting: TLS to the target first (verified against
     target_ca for target_sni, else the client's SNI; within connect_timeout), with the
     client's ALPN offer, then the client's handshake answered with the target's choice."""
@@ -142,40 +149,53 @@ async def reencrypt(ctx: ConnectionContext, conn: Connection, client: trio.Socke
     hello = first.hello
     conn.state = "handshake"
 
-    async def upgrade(raw_target: trio.SocketStream) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    async def both_ways(raw_target: socket.socket) -> tuple[trio.abc.Stream, trio.abc.Stream]:
         with failure_means(Reason.TARGET_RESET):  # it reset since the dial (ENOTCONN)
-            target_ip = str(raw_target.socket.getpeername()[0])
+            target_ip = str(raw_target.getpeername()[0])
         name = tls.target_name(hello.server_name if hello else None, target_ip)
-        target = trio.SSLStream(raw_target, tls.client_context(hello.alpn if hello else ()), server_hostname=name, https_compatible=True)
+        target = trio.SSLStream(stream_of(raw_target), tls.client_context(hello.alpn if hello else ()), server_hostname=name, https_compatible=True)
         with deadline_means(route.policy.connect_timeout, Reason.CONNECT_TIMEOUT):
             await handshake(target, peer_is_client=False)
-        secure = trio.SSLStream(ReplayStream(client, first.data), tls.server_context(target.selected_alpn_protocol()), server_side=True, https_compatible=True)
+        secure = trio.SSLStream(
+            ReplayStream(stream_of(client), first.data), tls.server_context(target.selected_alpn_protocol()), server_side=True, https_compatible=True
+        )
         with deadline_means(route.policy.initial_data_timeout, Reason.INITIAL_DATA_TIMEOUT):
             await handshake(secure, peer_is_client=True)
         return secure, target
 
-    await _close_notify(await _dial_and_relay(ctx, conn, route, client, client, upgrade=upgrade))
+    await _dial_and_relay(ctx, conn, route, client, tls=both_ways)
 
 
-async def offloaded(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+async def offloaded(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
     """The kernel should have taken this connection; one that reaches us is closed and counted."""
     raise ConnectionEnded(Reason.OFFLOADED)
 
 
-async def reject(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
+async def reject(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
     raise ConnectionEnded(Reason.REJECTED)
 
 
-async def handle(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, route: CompiledRoute, first: FirstBytes) -> None:
-    """A handler callable owns the connection, inside the same scopes and counters."""
+async def handle(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
+    """A handler callable owns the connection, inside the same scopes, counters and quiet limits."""
     assert route.handler is not None  # compile_table: a handler route has its callable
     handler = route.handler
-    info = HandlerInfo(conn.id, route.name, (conn.client_ip, conn.client_port), conn.local)
-    set_tcp_keepalive(client, route.policy.tcp_keepalive)
+    info = HandlerInfo(conn.id, route.name, (conn.client_ip, conn.client_port), local_address(conn, client))
+    if ctx.table.listener_keepalive(conn.listener) != route.policy.tcp_keepalive:
+        rawsock.set_tcp_keepalive(client, route.policy.tcp_keepalive)
     conn.state = "handler"
-    async with traffic_nursery(conn, route.policy) as (traffic, _):
-        await handler(TrafficStream(client, traffic, first.data), info)
-        traffic.finish()  # the handler is done, and so is the connection (its warning with it)
+    traffic = Traffic(conn, route.policy)
+    stream = TrafficStream(stream_of(client), traffic, first.data)
+
+    async def run() -> None:
+        await handler(stream, info)
+        traffic.finish()  # the handler is done, and so is the connection
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        quiet = await traffic.watch()
+        nursery.cancel_scope.cancel()  # quiet too long: the handler stops
+    if quiet is not None:
+        raise ConnectionEnded(quiet)
 
 
 async def _close_notify(stream: trio.abc.Stream) -> None:

@@ -12,6 +12,7 @@ import socket
 
 import trio
 
+from . import _rawsock as rawsock
 from ._endings import leaves
 from ._health import Attempt, TargetHealth
 from ._reasons import Reason
@@ -26,6 +27,7 @@ _TIMEOUT = {errno.ETIMEDOUT}
 # moment later, by getpeername() (ENOTCONN). It was reached; it said no.
 _RESET = {errno.ECONNRESET, errno.ENOTCONN}
 
+_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # Delay before happy eyeballs (RFC 8305) starts the next address of a hostname; trio's default.
 HAPPY_EYEBALLS_DELAY = 0.25
 
@@ -63,21 +65,21 @@ def _literal_family(host: str) -> int | None:
     return None
 
 
-async def open_target(host: str, port: int, timeout: float) -> trio.SocketStream:
-    """A fresh connection to a target, within `timeout` (trio.TooSlowError past it)."""
+async def open_target(host: str, port: int, timeout: float) -> socket.socket:
+    """A fresh connection to a target, within `timeout` (trio.TooSlowError past it): a plain
+    non-blocking socket with TCP_NODELAY, as the data engine relays it."""
     with trio.fail_after(timeout):
         family = _literal_family(host)
-        if family is None:
-            return await trio.open_tcp_stream(host, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
-        # An address has nothing to race: one non-blocking connect, without open_tcp_stream's
-        # nursery and task per attempt (a sixth of the forwarder's time per new connection).
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        try:
-            await sock.connect((host, port))
-        except BaseException:
-            sock.close()
-            raise
-        return trio.SocketStream(sock)
+        if family is not None:
+            # An address has nothing to race: one non-blocking connect, without open_tcp_stream's
+            # nursery and task per attempt (a sixth of the forwarder's time per new connection).
+            return await rawsock.connect(family, (host, port))
+        stream = await trio.open_tcp_stream(host, port, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
+        sock = rawsock.raw_socket(stream.socket)
+        # trio's SocketStream caps the unsent bytes at 16 KiB (TCP_NOTSENT_LOWAT), which makes
+        # bulk wait for every 16 KiB: back to the system's value (0: the sysctl's).
+        sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 0)
+        return sock
 
 
 def connect_failed(health: TargetHealth, reason: Reason, attempt: Attempt = Attempt.NORMAL) -> None:

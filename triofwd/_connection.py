@@ -16,8 +16,8 @@ through the same exits.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import socket
 import time
 from typing import Any
 
@@ -28,7 +28,8 @@ from ._addresses import ListenKey, format_address
 from ._context import ConnectionContext
 from ._endings import deadline_at, leaves, reason_of
 from ._errors import ConnectionEnded
-from ._firstbytes import FirstBytes, read_client_hello, read_proxy_header
+from ._firstbytes import FirstBytes, SocketReceiver, read_client_hello, read_proxy_header
+from ._rawsock import closing
 from ._reasons import Reason
 from ._record import Connection
 from ._table import CompiledRoute
@@ -38,7 +39,7 @@ __all__ = ["Connection", "run_connection"]
 log = logging.getLogger("triofwd.connection")
 
 
-async def run_connection(ctx: ConnectionContext, stream: trio.SocketStream, peer: tuple[Any, ...], listener: ListenKey) -> None:
+async def run_connection(ctx: ConnectionContext, sock: socket.socket, peer: tuple[Any, ...], listener: ListenKey) -> None:
     """The whole life of one accepted connection.
 
     The last line of defence: whatever happens inside — any exception, any nesting of
@@ -59,11 +60,9 @@ async def run_connection(ctx: ConnectionContext, stream: trio.SocketStream, peer
     )
     with ctx.tracked(conn):
         try:
-            # Closed without an await (SocketStream.aclose ends with a checkpoint, whose
-            # Cancelled, while the forwarder stops, would replace what is on its way out).
-            with contextlib.closing(stream.socket):
+            with closing(sock):  # without an await: nothing on its way out is replaced
                 with conn.scope:  # kill(), the first cause, and max_lifetime (its deadline)
-                    await _serve(ctx, conn, stream, listener)
+                    await _serve(ctx, conn, sock, listener)
                 if conn.scope.cancelled_caught:
                     conn.settle(Reason.LIFETIME_EXCEEDED)  # kill() and end() record theirs before cancelling
         except BaseException as exc:
@@ -96,10 +95,8 @@ def _settle_from(conn: Connection, exc: BaseException) -> BaseException | None:
         return None
 
 
-async def _serve(ctx: ConnectionContext, conn: Connection, client: trio.SocketStream, listener: ListenKey) -> None:
+async def _serve(ctx: ConnectionContext, conn: Connection, client: socket.socket, listener: ListenKey) -> None:
     table = ctx.table  # the table at accept time; a reload does not move a live connection
-    local = client.socket.getsockname()
-    conn.local = (str(local[0]), int(local[1]))
     reads = table.reads_first_bytes(listener)
     found = None if reads else table.match(listener, conn.client_ip)
     if isinstance(found, CompiledRoute):
@@ -112,13 +109,13 @@ async def _serve(ctx: ConnectionContext, conn: Connection, client: trio.SocketSt
             # Who the client is comes first: from a trusted proxy, its header says so.
             conn.state = "reading"
             with deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
-                await read_proxy_header(client, first, required=table.is_trusted_proxy(conn.client_ip))
+                await read_proxy_header(SocketReceiver(client), first, required=table.is_trusted_proxy(conn.client_ip))
             _take_proxy_header(conn, first)
         with ctx.gate.client(conn.client_ip, trio.current_time()):
             if table.reads_client_hello(listener):
                 conn.state = "reading"
                 with deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
-                    await read_client_hello(client, first)
+                    await read_client_hello(SocketReceiver(client), first)
             if reads:
                 found = table.match(listener, conn.client_ip, first.hello.server_name if first.hello else None)
             if not isinstance(found, CompiledRoute):

@@ -5,6 +5,7 @@
                      the one it was accepted under)
       gate           the process-wide limits; route_gate(route) a route's own
       targets        each dialing route's targets: balancing, health, warm sockets
+      engine         the data engine that moves the bytes of plain relays
       next_id()      the connection's number
       tracked(conn)  the connection is in the table while the block runs; leaving it
                      records the end: the one place where an ending is recorded
@@ -24,6 +25,7 @@ from typing import Any
 import trio
 
 from ._accesslog import AccessLog
+from ._engine import Engine
 from ._limits import Gate
 from ._reasons import Reason
 from ._record import Connection
@@ -39,8 +41,9 @@ log = logging.getLogger("triofwd")
 class ConnectionContext:
     """The table, limits and targets a connection is served with, and the record of its end."""
 
-    def __init__(self, table: RouteTable, access_log: AccessLog | None) -> None:
+    def __init__(self, table: RouteTable, access_log: AccessLog | None, engine: Engine) -> None:
         self.table = table
+        self.engine = engine
         self.gate = Gate(table.limits)
         self.targets = TargetRegistry()
         self.live: dict[int, Connection] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from ._connect import connect_failed, connect_failure, open_target
 from ._endings import leaves
 from ._errors import ConnectionEnded
 from ._health import Attempt, TargetHealth
+from ._rawsock import closing
 from ._reasons import Reason
 from ._targets import RouteTargets
 
@@ -28,23 +30,24 @@ __all__ = ["dialed"]
 log = logging.getLogger("triofwd.dial")
 
 
-def _reached(stream: trio.SocketStream) -> tuple[object, ...]:
-    """The address a connected stream reached (of a host's addresses, the one that answered).
+def _reached(sock: socket.socket) -> tuple[object, ...]:
+    """The address a connected socket reached (of a host's addresses, the one that answered).
 
     A target that reset since the handshake fails here (ENOTCONN): a failed connect, and
     its socket is closed at once rather than left to the garbage collector.
     """
     try:
-        peer: tuple[object, ...] = stream.socket.getpeername()
+        peer: tuple[object, ...] = sock.getpeername()
     except OSError:
-        stream.socket.close()
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
         raise
     return peer
 
 
 @contextlib.asynccontextmanager
-async def dialed(conn: Connection, route: CompiledRoute, targets: RouteTargets, failure: Reason | None = None) -> AsyncIterator[trio.SocketStream]:
-    """A connected target stream, held in the balancer while the block runs, closed after.
+async def dialed(conn: Connection, route: CompiledRoute, targets: RouteTargets, failure: Reason | None = None) -> AsyncIterator[socket.socket]:
+    """A connected target socket, held in the balancer while the block runs, closed after.
 
     Tries up to 1 + connect_retries of the targets that are usable now (health checks,
     circuit breakers) in the balancer's order, a warm socket first where one is ready.
@@ -67,8 +70,8 @@ async def dialed(conn: Connection, route: CompiledRoute, targets: RouteTargets, 
         try:
             # A half-open circuit's probe is a fresh connect: a warm socket from before proves nothing.
             warm = target.take_warm(began) if attempt is Attempt.NORMAL else None
-            stream = warm or await open_target(host, port, route.policy.connect_timeout)
-            peer = _reached(stream)
+            sock = warm or await open_target(host, port, route.policy.connect_timeout)
+            peer = _reached(sock)
         except (trio.TooSlowError, OSError) as exc:
             reason = connect_failure(exc)
         except BaseException:
@@ -78,9 +81,9 @@ async def dialed(conn: Connection, route: CompiledRoute, targets: RouteTargets, 
             conn.connect_time = trio.current_time() - began
             target.health.connected(attempt)
             conn.target = format_address(peer)
-            with contextlib.closing(stream.socket), targets.balancer.hold(index):  # closed without an await: see run_connection
+            with closing(sock), targets.balancer.hold(index):
                 try:
-                    yield stream
+                    yield sock
                 except BaseException as exc:
                     _report_end(target.health, exc)
                     raise

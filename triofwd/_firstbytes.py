@@ -8,19 +8,40 @@ nothing, or sends slowly, ends with `initial_data_timeout` and never hangs a tas
 from __future__ import annotations
 
 import dataclasses
+import socket
+from typing import Protocol
 
 import trio
 
+from . import _rawsock as rawsock
 from ._clienthello import ClientHello, ClientHelloError, parse_client_hello
 from ._errors import ConnectionEnded
 from ._proxy_protocol import V1_PREFIX, V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse_proxy_header
 from ._reasons import Reason
 
-__all__ = ["FirstBytes", "read_client_hello", "read_proxy_header"]
+__all__ = ["FirstBytes", "SocketReceiver", "read_client_hello", "read_proxy_header"]
 
 # The parsers bound what they accept (a v2 header 4 KiB, a ClientHello 64 KiB); reads
 # are this size so that a large hello needs only a few trips through the scheduler.
 READ_SIZE = 16384
+
+
+class Receiver(Protocol):
+    """What the readers read from: a stream, or a raw socket (SocketReceiver)."""
+
+    async def receive_some(self, max_bytes: int) -> bytes | bytearray: ...
+
+
+class SocketReceiver:
+    """A raw socket's bytes as the readers take them: tried first, waited for in trio."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        return await rawsock.receive_some(self.sock, max_bytes)
 
 
 @dataclasses.dataclass
@@ -32,7 +53,7 @@ class FirstBytes:
     hello: ClientHello | None = None
 
 
-async def _more(stream: trio.abc.ReceiveStream, data: bytes) -> bytes:
+async def _more(stream: Receiver, data: bytes) -> bytes:
     try:
         chunk = await stream.receive_some(READ_SIZE)
     except (trio.BrokenResourceError, OSError) as exc:
@@ -53,7 +74,7 @@ def _signature_state(data: bytes) -> str:
     return "no"
 
 
-async def read_proxy_header(stream: trio.abc.ReceiveStream, first: FirstBytes, *, required: bool) -> None:
+async def read_proxy_header(stream: Receiver, first: FirstBytes, *, required: bool) -> None:
     """Read a PROXY header into `first.proxy`, leaving what follows it in `first.data`.
 
     required: the peer is a trusted proxy and must send one. Otherwise the peer is a
@@ -81,7 +102,7 @@ async def read_proxy_header(stream: trio.abc.ReceiveStream, first: FirstBytes, *
         data = await _more(stream, data)
 
 
-async def read_client_hello(stream: trio.abc.ReceiveStream, first: FirstBytes) -> None:
+async def read_client_hello(stream: Receiver, first: FirstBytes) -> None:
     """Read until `first.data` holds a whole ClientHello (-> first.hello) or is not TLS at all.
 
     Bytes that are not a ClientHello (plain HTTP, garbage) leave `first.hello` None: the

@@ -1,9 +1,12 @@
 """The forwarder's listening sockets: binding them all or none, and one accept task each.
 
 Each accept task takes connections straight from the backlog with a raw accept() while
-there are any, and waits in trio only when it is empty; every accepted socket is handed
-to `on_accept` (which starts its connection task). accept(2) errors of the pending
-connection are skipped; running out of fds or memory backs off, with one warning a burst.
+there are any, and waits in trio only when it is empty; every accepted socket (a plain
+stdlib socket: no trio wrapper, no setsockopt) is handed to `on_accept`, which starts its
+connection task. Accepted sockets inherit TCP_NODELAY and the kernel keep-alive settings
+from their listening socket, set there once (`configure`) instead of on every connection.
+accept(2) errors of the pending connection are skipped; running out of fds or memory backs
+off, with one warning a burst.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import dataclasses
 import errno
 import logging
 import math
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
 
+from . import _rawsock as rawsock
 from ._addresses import ListenKey, format_address
 from ._errors import listen_error
 from ._rawsock import raw_socket
@@ -49,7 +54,7 @@ ACCEPT_IGNORED_ERRNOS = frozenset(
 )  # fmt: skip
 
 Opened = dict[ListenKey, list[trio.SocketListener]]
-OnAccept = Callable[[trio.socket.SocketType, Any, ListenKey], None]
+OnAccept = Callable[[socket.socket, Any, ListenKey], None]
 
 
 @dataclasses.dataclass(eq=False)
@@ -57,6 +62,7 @@ class Listener:
     key: ListenKey
     address: str
     scope: trio.CancelScope
+    raw: socket.socket
 
 
 class Listeners:
@@ -72,9 +78,19 @@ class Listeners:
         """Hand each bound socket to an accept task; registered at once, so `addresses` is true on return."""
         for key, sockets in opened.items():
             for sock in sockets:
-                entry = Listener(key, format_address(sock.socket.getsockname()), trio.CancelScope())
+                entry = Listener(key, format_address(sock.socket.getsockname()), trio.CancelScope(), raw_socket(sock.socket))
                 self.by_key.setdefault(key, []).append(entry)
                 self._nursery.start_soon(self._accept_loop, entry, sock)
+
+    def configure(self, table: RouteTable) -> None:
+        """Set on each listening socket what its accepted sockets inherit: TCP_NODELAY, and the
+        kernel keep-alive its routes share (at start, and again after a reload)."""
+        for key, listeners in self.by_key.items():
+            idle = table.listener_keepalive(key)
+            for entry in listeners:
+                entry.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if idle is not None:
+                    rawsock.set_tcp_keepalive(entry.raw, idle)
 
     def addresses(self, table: RouteTable) -> dict[str, list[str]]:
         """Route name -> the "ip:port" addresses it is listening on now."""
@@ -94,7 +110,7 @@ class Listeners:
         failures = 0  # in the current burst
         warned_at = -math.inf  # when this listener last warned
         warned = False  # the current burst was warned about
-        raw = raw_socket(listener.socket)
+        raw = entry.raw
         try:
             with entry.scope:
                 async with listener:
@@ -140,13 +156,12 @@ class Listeners:
                     del self.by_key[entry.key]
 
 
-def _accept_ready(listener: Any) -> tuple[trio.socket.SocketType, Any] | None:
+def _accept_ready(listener: socket.socket) -> tuple[socket.socket, Any] | None:
     """A connection waiting in the backlog, or None; accept() without trio's checkpoints around it."""
     try:
-        sock, peer = listener.accept()
+        return listener.accept()
     except BlockingIOError:
         return None
-    return trio.socket.from_stdlib_socket(sock), peer
 
 
 def offload_only(table: RouteTable) -> set[ListenKey]:

@@ -1,18 +1,29 @@
-"""The plain non-blocking socket under a trio socket, for the syscalls trio would wrap in waits.
+"""Plain non-blocking sockets in trio: the syscall tried first, trio waited on only when it
+would block (what the data path does for accept, connect, first bytes and headers).
 
-The data path tries each syscall first and waits in trio only when it would block (a
-recv_into, a send, an accept); trio's own methods put checkpoints around every call. trio
-keeps the standard-library socket as a private attribute: this is the one place that
-reaches for it, and tests/test_rawsock.py fails if trio changes that.
+trio keeps the standard-library socket under its own as a private attribute: `raw_socket`
+is the one place that reaches for it, and tests/test_rawsock.py fails if trio changes that.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import socket
+from collections.abc import Iterator
 
 import trio
 
-__all__ = ["raw_socket"]
+__all__ = ["closing", "connect", "raw_socket", "receive_some", "send_all", "set_tcp_keepalive"]
+
+# Per call, so a socket needs no fcntl to be non-blocking (accepted sockets stay as accept
+# made them until something needs O_NONBLOCK).
+FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+# Kernel keep-alive (tcp_keepalive): probe every IDLE/KEEPALIVE_PROBE_DIVISOR seconds
+# after IDLE seconds of silence, and give up after KEEPALIVE_PROBES unanswered probes.
+KEEPALIVE_PROBE_DIVISOR = 4
+KEEPALIVE_PROBES = 4
 
 
 def raw_socket(sock: trio.socket.SocketType) -> socket.socket:
@@ -21,3 +32,65 @@ def raw_socket(sock: trio.socket.SocketType) -> socket.socket:
     if not isinstance(raw, socket.socket):
         raise TypeError(f"trio socket {sock!r} no longer wraps a socket.socket")
     return raw
+
+
+@contextlib.contextmanager
+def closing(sock: socket.socket) -> Iterator[socket.socket]:
+    """Close `sock` when the block ends, without an await (a Cancelled from a checkpoint in
+    the close would replace what is on its way out); trio is told first, in case a task of
+    its waits on the fd."""
+    try:
+        yield sock
+    finally:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+async def connect(family: int, address: tuple[str, int]) -> socket.socket:
+    """A connected non-blocking socket (TCP_NODELAY set): one non-blocking connect, then a
+    wait for it to complete. Raises OSError with the connect's errno."""
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        error = sock.connect_ex(address)
+        if error == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        trio.lowlevel.notify_closing(sock)  # wait_writable may have left it in trio's epoll
+        sock.close()
+        raise
+    return sock
+
+
+async def receive_some(sock: socket.socket, max_bytes: int) -> bytes:
+    """The bytes `sock` has (b"" at EOF), waiting in trio until there are some."""
+    while True:
+        try:
+            return sock.recv(max_bytes, FLAGS)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """All of `data`, waiting in trio while the kernel's buffer is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view, FLAGS) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+def set_tcp_keepalive(sock: socket.socket, idle: float) -> None:
+    """Kernel keep-alive probes after `idle` seconds of silence, so a peer that vanished is
+    noticed without traffic (inf: left as it is)."""
+    if idle == float("inf"):
+        return
+    seconds = max(1, int(idle))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, seconds // KEEPALIVE_PROBE_DIVISOR))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)

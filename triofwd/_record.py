@@ -35,7 +35,7 @@ class Connection:
     bytes_out: int = 0  # target -> client
     last_activity: float = 0.0
     connect_time: float | None = None  # seconds the successful connect to the target took
-    local: tuple[str, int] = ("", 0)  # the address the client connected to
+    local: tuple[str, int] | None = None  # the address the client connected to: read when first needed
     path: str = ""  # how bytes move: "splice" (in the kernel) or "copy" (through Python)
     reason: Reason | None = None
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope, repr=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import types
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
@@ -24,6 +25,7 @@ from ._addresses import ListenKey
 from ._config import Config
 from ._connection import run_connection
 from ._context import ConnectionContext
+from ._engine import Engine
 from ._listeners import Listeners, Opened, bind_all, close_all, offload_only
 from ._offload import KernelRules, kernel_rules
 from ._record import Connection
@@ -47,8 +49,10 @@ class Forwarder:
     `addresses`; call `reload(config)`, `drain()`, `shutdown()`.
     """
 
-    def __init__(self, table: RouteTable, connections: trio.Nursery, listening: trio.Nursery, access_log: AccessLog | None, kernel: KernelRules) -> None:
-        self._context = ConnectionContext(table, access_log)
+    def __init__(
+        self, table: RouteTable, connections: trio.Nursery, listening: trio.Nursery, access_log: AccessLog | None, kernel: KernelRules, engine: Engine
+    ) -> None:
+        self._context = ConnectionContext(table, access_log, engine)
         self._listeners = Listeners(listening, self._accept, self._accept_failed)
         self._kernel = kernel
         self._connection_nursery = connections
@@ -151,6 +155,7 @@ class Forwarder:
         self._context.targets.update(table.routes, self._listening.start_soon)
         self._listeners.listen(opened)
         self._listeners.close(k for k in self._listeners.by_key if k not in table.by_listener)
+        self._listeners.configure(table)
         before = {r.name: r for r in old.routes}
         after = {r.name: r for r in table.routes}
         change = {
@@ -167,10 +172,11 @@ class Forwarder:
     def _start(self, opened: Opened) -> None:
         self._context.targets.update(self._context.table.routes, self._listening.start_soon)
         self._listeners.listen(opened)
+        self._listeners.configure(self._context.table)
         self._listening.start_soon(self._keep_offload_counters_fresh)
 
-    def _accept(self, sock: trio.socket.SocketType, peer: Any, key: ListenKey) -> None:
-        self._connection_nursery.start_soon(run_connection, self._context, trio.SocketStream(sock), peer, key)
+    def _accept(self, sock: socket.socket, peer: Any, key: ListenKey) -> None:
+        self._connection_nursery.start_soon(run_connection, self._context, sock, peer, key)
 
     def _accept_failed(self) -> None:
         self._context.stats.accept_errors += 1
@@ -203,20 +209,24 @@ async def serve(
         async with kernel_rules() as kernel:  # offload rules: installed here, removed on every way out
             table = await kernel.prepare(table)
             opened = await bind_all(table.by_listener, optional=offload_only(table))
-            async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as listening:
-                    fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel)
-                    try:
-                        fwd._start(opened)
-                        log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
-                        task_status.started(fwd)
-                        await fwd._stop.wait()
-                        log.info("shutting down: %d connections open", len(fwd.connections))
-                        listening.cancel_scope.cancel()
-                    finally:
-                        fwd._context.targets.close()  # health checks stop, warm sockets close: none outlives serve
-                grace = fwd._grace if fwd._grace is not None else fwd.table.shutdown_grace
-                connections.cancel_scope.deadline = trio.current_time() + grace
+            with contextlib.closing(Engine()) as engine:
+                async with trio.open_nursery() as moving:  # the engine outlives every connection
+                    moving.start_soon(engine.run, name="triofwd engine")
+                    async with trio.open_nursery() as connections:
+                        async with trio.open_nursery() as listening:
+                            fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel, engine)
+                            try:
+                                fwd._start(opened)
+                                log.info("ready", extra={"fields": {"listeners": fwd.addresses}})
+                                task_status.started(fwd)
+                                await fwd._stop.wait()
+                                log.info("shutting down: %d connections open", len(fwd.connections))
+                                listening.cancel_scope.cancel()
+                            finally:
+                                fwd._context.targets.close()  # health checks stop, warm sockets close: none outlives serve
+                        grace = fwd._grace if fwd._grace is not None else fwd.table.shutdown_grace
+                        connections.cancel_scope.deadline = trio.current_time() + grace
+                    moving.cancel_scope.cancel()  # every connection has left: nothing more to move
         log.info("stopped")
     finally:
         if fwd is not None:

@@ -107,12 +107,20 @@ class RouteTable:
     _accepts_proxy: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
     _reads_hello: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
     _first_bytes_timeout: dict[ListenKey, float] = dataclasses.field(init=False, repr=False)
+    _keepalive: dict[ListenKey, float] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         items = self.by_listener.items()
         object.__setattr__(self, "_accepts_proxy", frozenset(k for k, rs in items if any(r.accept_proxy_protocol for r in rs)))
         object.__setattr__(self, "_reads_hello", frozenset(k for k, rs in items if any(r.domains or r.kind in BRIDGES for r in rs)))
         object.__setattr__(self, "_first_bytes_timeout", {k: max(r.policy.initial_data_timeout for r in rs) for k, rs in items})
+        shared = {k: {r.policy.tcp_keepalive for r in rs} for k, rs in items}
+        object.__setattr__(self, "_keepalive", {k: values.pop() for k, values in shared.items() if len(values) == 1})
+
+    def listener_keepalive(self, key: ListenKey) -> float | None:
+        """The tcp_keepalive every route of this listener has (its accepted sockets inherit
+        it from the listening socket), or None when they differ (each sets its own)."""
+        return self._keepalive.get(key)
 
     def accepts_proxy(self, key: ListenKey) -> bool:
         """Connections on this listener may start with a PROXY header (from trusted_proxies).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import select
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +44,17 @@ EXPECT_WINDOW = 65536
 _HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
-def alive(sock: trio.socket.SocketType) -> bool:
+def alive(sock: socket.socket) -> bool:
     """A connected socket the peer has not closed or reset (bytes waiting are fine:
     a server that speaks first has simply spoken)."""
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
     return not any(events & _HUNG_UP for _, events in poller.poll(0))
+
+
+def _close(sock: socket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
 
 
 class Target:
@@ -59,42 +65,42 @@ class Target:
     def __init__(self, address: tuple[str, int], route: CompiledRoute) -> None:
         self.address = address
         self.health = TargetHealth(route.circuit)
-        self.warm: collections.deque[tuple[float, trio.SocketStream]] = collections.deque()
+        self.warm: collections.deque[tuple[float, socket.socket]] = collections.deque()
         self.taken = trio.Event()  # set (and replaced) whenever a warm socket leaves the pool
 
     @property
     def name(self) -> str:
         return format_address(self.address)
 
-    def take_warm(self, now: float) -> trio.SocketStream | None:
+    def take_warm(self, now: float) -> socket.socket | None:
         """A warm socket that passed its liveness check now, or None."""
         if not self.warm:
             return None
-        stream = None
-        while self.warm and stream is None:
+        found = None
+        while self.warm and found is None:
             born, candidate = self.warm.popleft()
-            if now - born < WARM_MAX_AGE and alive(candidate.socket):
-                stream = candidate
+            if now - born < WARM_MAX_AGE and alive(candidate):
+                found = candidate
             else:
-                candidate.socket.close()
+                _close(candidate)
         self.taken.set()  # the filler tops the pool up (and sweeps the rest)
         self.taken = trio.Event()
-        return stream
+        return found
 
     def drop_stale(self, now: float) -> None:
         """Close warm sockets that aged out or that the target closed."""
-        keep: collections.deque[tuple[float, trio.SocketStream]] = collections.deque()
-        for born, stream in self.warm:
-            if now - born < WARM_MAX_AGE and alive(stream.socket):
-                keep.append((born, stream))
+        keep: collections.deque[tuple[float, socket.socket]] = collections.deque()
+        for born, sock in self.warm:
+            if now - born < WARM_MAX_AGE and alive(sock):
+                keep.append((born, sock))
             else:
-                stream.socket.close()
+                _close(sock)
         self.warm = keep
 
     def trim_warm(self, size: int) -> None:
         """Keep at most `size` warm sockets (the newest)."""
         while len(self.warm) > size:
-            self.warm.popleft()[1].socket.close()
+            _close(self.warm.popleft()[1])
 
     def close_warm(self) -> None:
         self.trim_warm(0)
@@ -171,15 +177,15 @@ class RouteTargets:
                 continue
             if len(target.warm) < self.route.warm:
                 try:
-                    stream = await open_target(host, port, self.route.policy.connect_timeout)
+                    sock = await open_target(host, port, self.route.policy.connect_timeout)
                 except (trio.TooSlowError, OSError) as exc:
                     connect_failed(health, connect_failure(exc))
                     await trio.sleep(WARM_RETRY)
                 else:
                     if self.scope.cancel_called:  # closed while the connect finished: not ours to keep
-                        stream.socket.close()
+                        _close(sock)
                         return
-                    target.warm.append((trio.current_time(), stream))
+                    target.warm.append((trio.current_time(), sock))
                 continue
             # Full: wake when one is taken, the oldest ages out, or to look for ones the target closed.
             taken = target.taken
@@ -202,7 +208,7 @@ async def probe(address: tuple[str, int], policy: CheckPolicy) -> str | None:
     stage = "connect"
     try:
         with trio.fail_after(policy.timeout):
-            async with await open_target(host, port, policy.timeout) as stream:
+            async with trio.SocketStream(trio.socket.from_stdlib_socket(await open_target(host, port, policy.timeout))) as stream:
                 if policy.send:
                     stage = "send"
                     await stream.send_all(policy.send)

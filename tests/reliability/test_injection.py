@@ -73,6 +73,7 @@ class Injector(trio.abc.Instrument):
         self.started: set[Any] = set()
         self.steps = 0
         self.fired_at: int | None = None
+        self.after = 0
         self.watching = True
 
     def task_spawned(self, task: Any) -> None:
@@ -82,14 +83,15 @@ class Injector(trio.abc.Instrument):
             self.tasks.add(task)
 
     def before_task_step(self, task: Any) -> None:
-        if task not in self.tasks or self.fired_at is not None:
+        if task not in self.tasks or in_nursery_exit(task):
+            return
+        if self.fired_at is not None:
+            self.after += 1  # the connection ran on after the step it was hit at
             return
         if task not in self.started:  # its first step starts it: nothing awaited yet
             self.started.add(task)
             return
         if not isinstance(task._next_send, (outcome.Value, outcome.Error)):
-            return
-        if in_nursery_exit(task):
             return
         self.steps += 1
         if self.steps == self.target and self.act is not None:
@@ -221,18 +223,18 @@ def paths(target: str, tls_target: str, certs: pathlib.Path, ca: trustme.CA) -> 
             "forward: PROXY header in and out, limits",
             r("fwd", targets=[target], accept_proxy_protocol=True, proxy_protocol="v2", max_connections_per_ip=10, connection_rate_per_ip="1000/s"),
             plain_client(header),
-            ("_firstbytes:_more", "_connect:open_target", "_actions:_send_proxy_header", "_pump:pump"),
+            ("_rawsock:receive_some", "_rawsock:connect", "_engine:_until_over"),
             {"trusted_proxies": ["127.0.0.0/8"]},
         ),
-        Path("forward on SNI", r("sni", targets=[target], domains=["front.example"]), plain_client(build_client_hello("front.example")), ("_firstbytes:_more", "_connect:open_target", "_pump:pump")),
-        Path("bridge terminate", r("term", action="bridge", targets=[target], tls=tls), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_connect:open_target", "_pump:_move_copied", "_pump:aclose")),
-        Path("bridge reencrypt", r("reenc", action="bridge", targets=[tls_target], tls=reencrypt), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_connect:open_target", "_pump:_move_copied")),
-        Path("handler", r("hdl", action="handler", handler=echo_handler), plain_client(), ("_pump:receive_some", "_pump:send_all", "_pump:send_eof")),
+        Path("forward on SNI", r("sni", targets=[target], domains=["front.example"]), plain_client(build_client_hello("front.example")), ("_rawsock:receive_some", "_rawsock:connect", "_engine:_until_over")),
+        Path("bridge terminate", r("term", action="bridge", targets=[target], tls=tls), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_rawsock:connect", "_pump:pump", "_idle:wait", "_pump:aclose")),
+        Path("bridge reencrypt", r("reenc", action="bridge", targets=[tls_target], tls=reencrypt), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_rawsock:connect", "_pump:pump", "_idle:wait")),
+        Path("handler", r("hdl", action="handler", handler=echo_handler), plain_client(), ("_pump:receive_some", "_pump:send_all", "_pump:send_eof", "_idle:wait")),
         Path(
             "forward, keepalive extended",
             r("ext", targets=[target], keepalive="extended", keepalive_multiplier=1, inactivity_timeout="50ms"),
             idle_client(0.3),
-            ("_pump:watch_extended", "_pump:pump"),
+            ("_rawsock:connect", "_engine:_until_over"),
             expect="inactivity_timeout",
         ),
     ]
@@ -364,7 +366,11 @@ async def test_a_cancellation_or_interrupt_at_every_await_stops_the_forwarder_cl
                     continue
                 assert interrupted == (kind == "keyboard_interrupt"), (path.name, step)
                 [line] = log.records
-                assert line["reason"] == "shutdown", (path.name, step, line)
+                # A cancellation is delivered at the connection's next checkpoint: hit at its
+                # last step (its relay over, little or nothing left to await), it may end as
+                # it would have anyway.
+                allowed = {"shutdown", path.expect} if kind == "cancelled_from_outside" and injector.after == 0 else {"shutdown"}
+                assert line["reason"] in allowed, (path.name, step, line)
                 await wait_fds(fds)
 
 

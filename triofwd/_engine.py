@@ -1,0 +1,470 @@
+"""The data engine: one task per forwarder moves the bytes of every plain TCP relay.
+
+    connection task                         engine task (one per forwarder)
+      dial, PROXY header, ...                 await wait_readable(epoll fd)
+      with engine.attached(conn, c, t):       poll(0, BATCH): for each ready socket
+          await relay.run(first_bytes)  ◄──     recv_into one buffer, send at once
+      # left: detached, sockets closed          (splice through a pooled pipe for bulk)
+                                                what cannot be sent is parked, reading stops
+                                                EOF passed on as shutdown(SHUT_WR)
+                                              relay over or failed: wake its task
+
+Every relayed socket has a persistent, level-triggered registration in the engine's own
+epoll (trio re-arms its one-shot ones on every wait; this one does not), and the engine
+waits on that epoll's fd in trio like any task: cooperative, cancellable, visible. A woken
+engine takes a bounded batch of events and moves bytes for each: the more connections are
+busy, the more each wakeup does.
+
+Each connection keeps its own task, nursery and scopes (lifetime, kill, limits): it sleeps
+in `Relay.run` until the engine says its relay is over. Leaving the `attached` block, on
+every path — the end, a kill, a deadline, a shutdown, a bug — unregisters both sockets
+before their owners close them. Inactivity and half-close are kept lazily by the task's
+IdleWatch from `conn.last_activity`, which the engine stamps as bytes move. Bytes are
+counted where they are delivered (a partial send counts what went), live in the table.
+
+Per direction at most one chunk is held: the shared buffer's bytes that the destination
+could not take (copied out), or a pipe of spliced ones. Reading that direction stops until
+they are delivered (back-pressure, nothing unbounded). An error on a socket ends that relay
+with that socket's reset; an exception in the engine's own code ends that relay (a bug,
+internal_error) and no other.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+from typing import Any
+
+import trio
+
+from ._errors import ConnectionEnded
+from ._idle import IdleWatch
+from ._policy import Policy
+from ._reasons import Reason
+from ._record import Connection
+from ._splice import CHUNK, COPY_CHUNK, POOL, SPLICE_AT, Pipe
+
+__all__ = ["BATCH", "Engine", "Relay"]
+
+log = logging.getLogger("triofwd.engine")
+
+# splice(2) for bulk between the relayed sockets; False: every chunk is copied (tests
+# compare the two).
+SPLICE = True
+# Events taken from the epoll per wakeup. Measured on the three hot paths: a batch of one
+# costs the engine 57% of its keep-alive throughput (every event pays trio's re-arm of the
+# epoll fd and a scheduler pass), 16 about what 256 costs; a full batch is followed by a
+# checkpoint, so a flood cannot starve the rest of the program.
+BATCH = 256
+
+_IN, _OUT, _ERR, _HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
+# Per call, so a socket needs no fcntl to be non-blocking (splice needs O_NONBLOCK: set
+# when a direction turns bulk).
+_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+class Side:
+    """One socket of a relay, and the direction that reads from it (this side -> its peer)."""
+
+    __slots__ = ("bulk", "connected", "done", "eof", "fd", "inbound", "interest", "left", "parked", "peer", "pipe", "reading", "registered", "relay", "sock")
+
+    def __init__(self, sock: socket.socket, relay: Relay, inbound: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.relay = relay
+        self.inbound = inbound  # reading the client: what it moves is bytes_in
+        self.peer: Side = self
+        self.reading = True  # this direction still reads from sock
+        self.eof = False  # EOF read from sock; passed on once what is parked is delivered
+        self.done = False  # the EOF was passed on: the peer's write side is shut
+        self.parked: memoryview | None = None  # bytes read from sock the peer could not take yet
+        self.pipe: Pipe | None = None  # ... or spliced ones still in a pipe
+        self.left = 0  # bytes in `pipe`
+        self.bulk = False  # the last chunk was big: splice the next
+        self.interest = 0  # registered in the engine's epoll now
+        self.registered = False
+        self.connected = True
+
+    @property
+    def holding(self) -> bool:
+        return self.parked is not None or self.pipe is not None
+
+
+class Relay:
+    """Two sockets relayed by the engine for one connection; `Engine.attached` makes one."""
+
+    __slots__ = ("client", "conn", "ended", "engine", "idle", "nonblocking", "spliced", "target", "task")
+
+    def __init__(self, engine: Engine, conn: Connection, client: socket.socket, target: socket.socket, policy: Policy) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.client = client_side = Side(client, self, inbound=True)
+        self.target = target_side = Side(target, self, inbound=False)
+        client_side.peer, target_side.peer = target_side, client_side
+        self.idle = IdleWatch(conn, policy)
+        self.task: Any = None  # the connection's task, while it waits for the relay
+        self.ended: BaseException | None = None  # why it stopped early: ConnectionEnded, or a bug
+        self.nonblocking = False
+        self.spliced = False
+
+    def __enter__(self) -> Relay:
+        self.engine._relays.add(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine._detach(self)
+
+    async def run(self, initial: bytes = b"") -> None:
+        """Relay until both directions are done, `initial` (bytes already read from the
+        client) sent to the target first. Raises ConnectionEnded with the failing side's
+        reset, or the quiet limits' reason (inactivity, half-close)."""
+        # The engine's path: bulk spliced in the kernel, small chunks copied (splice-auto).
+        self.conn.path = "splice" if SPLICE else "copy"
+        if initial:
+            self._send_initial(initial)
+        if self.ended is None:
+            self.engine._register(self)
+            quiet = await self.idle.wait(self._until_over)
+            if quiet is not None:
+                raise ConnectionEnded(quiet)
+        if self.ended is not None:
+            raise self._take_ended()
+
+    def _take_ended(self) -> BaseException:
+        # Handed over and forgotten, and never held in a local of `run`: the exception's
+        # traceback holds run's frame, and a reference back would make a cycle that only the
+        # cyclic collector frees (memory that grows with every connection that ends so).
+        ended, self.ended = self.ended, None
+        assert ended is not None
+        return ended
+
+    def _send_initial(self, data: bytes) -> None:
+        try:
+            sent = self.target.sock.send(data, _FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.ended = ConnectionEnded(Reason.TARGET_RESET, str(exc))
+            return
+        self.conn.bytes_in += sent
+        if sent < len(data):
+            self.client.parked = memoryview(data)[sent:]
+
+    async def _until_over(self) -> None:
+        if self in self.engine._done:
+            return
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self.task = None  # cancelled (a deadline, kill, shutdown): the engine must not wake it
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class Engine:
+    """One per forwarder: every plain relay's bytes, in one trio task (`run`)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._sides: dict[int, Side] = {}  # registered fds
+        self._relays: set[Relay] = set()  # attached
+        self._done: set[Relay] = set()  # attached, and over: waiting for their task to leave
+        self._buffer = memoryview(bytearray(COPY_CHUNK))
+        self.batches = 0  # wakeups with events (tests and the profile read them)
+        self.events = 0
+
+    def attached(self, conn: Connection, client: socket.socket, target: socket.socket, policy: Policy) -> Relay:
+        """`with engine.attached(conn, client, target, policy) as relay: await relay.run(...)`:
+        the two connected sockets relayed while the block runs. Leaving it detaches them; the
+        caller closes them after."""
+        return Relay(self, conn, client, target, policy)
+
+    @property
+    def registered(self) -> int:
+        """Sockets in the engine's epoll now (0 when nothing is relayed)."""
+        return len(self._sides)
+
+    def close(self) -> None:
+        self._epoll.close()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Move bytes until cancelled (after every connection has left)."""
+        epoll_fd = self._epoll.fileno()
+        poll, sides, event = self._epoll.poll, self._sides, self._event
+        wait_readable, checkpoint, now_ = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint, trio.current_time
+        try:
+            while True:
+                await wait_readable(epoll_fd)
+                while events := poll(0, BATCH):
+                    self.batches += 1
+                    self.events += len(events)
+                    now = now_()
+                    for fd, mask in events:
+                        side = sides.get(fd)
+                        if side is not None:  # else its relay ended earlier in this batch
+                            event(side, mask, now)
+                    if len(events) < BATCH:
+                        break  # most likely drained: back to trio's wait
+                    await checkpoint()
+        finally:
+            # Stopping with relays still attached (a bug took the engine down): end them, so
+            # that no connection waits for bytes that will never move.
+            for relay in list(self._relays):
+                self._finish(relay, RuntimeError("the data engine stopped"))
+
+    def _event(self, side: Side, mask: int, now: float) -> None:
+        relay = side.relay
+        try:
+            if mask & _ERR:
+                error = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+                self._failed(relay, side, OSError(error, os.strerror(error)))
+                return
+            acted = False
+            peer = side.peer
+            if mask & (_OUT | _HUP) and peer.holding:
+                acted = True
+                self._flush(peer, side, now)  # the other direction (peer -> side) waited for side
+                if relay in self._done:
+                    return
+            if mask & (_IN | _HUP) and side.reading and not side.holding:
+                acted = True
+                if side.bulk:
+                    self._splice(side, peer, now)
+                else:
+                    self._copy(side, peer, now)
+            if not acted and mask & _HUP and side.registered:
+                # Both halves of this socket are shut (its peer's FIN came, our SHUT_WR went)
+                # while its own direction waits to deliver parked bytes elsewhere: EPOLLHUP is
+                # reported whatever the interest, so level-triggered it would come back on
+                # every poll. Stop watching it; _interest() registers it again for work.
+                side.registered = False
+                side.interest = 0
+                self._epoll.unregister(side.fd)
+        except Exception as exc:  # noqa: BLE001 - one relay's bug ends that relay, never the engine
+            self._finish(relay, exc)
+
+    # -- moving bytes -----------------------------------------------------------------
+
+    def _copy(self, src: Side, dst: Side, now: float) -> None:
+        buffer = self._buffer
+        try:
+            n = src.sock.recv_into(buffer, COPY_CHUNK, _FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._failed(src.relay, src, exc)
+            return
+        conn = src.relay.conn
+        conn.last_activity = now
+        if not n:
+            self._eof(src, dst)
+            return
+        try:
+            sent = dst.sock.send(buffer[:n], _FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._failed(src.relay, dst, exc)
+            return
+        if src.inbound:
+            conn.bytes_in += sent
+        else:
+            conn.bytes_out += sent
+        if sent < n:
+            src.parked = memoryview(buffer[sent:n].tobytes())
+            self._interest(src)
+            self._interest(dst)
+        if n >= SPLICE_AT and SPLICE:
+            self._go_bulk(src)
+
+    def _go_bulk(self, src: Side) -> None:
+        relay = src.relay
+        if not relay.nonblocking:  # splice(2) honours the sockets' O_NONBLOCK, not MSG_DONTWAIT
+            relay.client.sock.setblocking(False)
+            relay.target.sock.setblocking(False)
+            relay.nonblocking = True
+        src.bulk = True
+
+    def _splice(self, src: Side, dst: Side, now: float) -> None:
+        pipe = POOL.take()
+        if pipe is None:  # out of fds: this chunk is copied
+            self._copy(src, dst, now)
+            return
+        try:
+            n = os.splice(src.fd, pipe.w, CHUNK, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            POOL.give(pipe)
+            return
+        except OSError as exc:
+            POOL.give(pipe)  # nothing went in
+            self._failed(src.relay, src, exc)
+            return
+        conn = src.relay.conn
+        conn.last_activity = now
+        if not n:
+            POOL.give(pipe)
+            self._eof(src, dst)
+            return
+        left = n
+        try:
+            while left:
+                left -= os.splice(pipe.r, dst.fd, left, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            pipe.close()  # it may hold bytes that belong to no one now
+            self._count(src, n - left)
+            self._failed(src.relay, dst, exc)
+            return
+        self._count(src, n - left)
+        if left:
+            src.pipe, src.left = pipe, left
+            self._interest(src)
+            self._interest(dst)
+        else:
+            POOL.give(pipe)
+        src.bulk = n >= SPLICE_AT
+
+    def _flush(self, src: Side, dst: Side, now: float) -> None:
+        """Deliver what src's direction holds for dst; when all is out, read src again."""
+        moved = 0
+        try:
+            if src.pipe is not None:
+                try:
+                    while src.left:
+                        sent = os.splice(src.pipe.r, dst.fd, src.left, flags=_SPLICE_FLAGS)
+                        src.left -= sent
+                        moved += sent
+                finally:
+                    self._count(src, moved)
+                POOL.give(src.pipe)
+                src.pipe = None
+            else:
+                parked = src.parked
+                assert parked is not None
+                sent = dst.sock.send(parked, _FLAGS)
+                self._count(src, sent)
+                if sent < len(parked):
+                    src.parked = parked[sent:]
+                    src.relay.conn.last_activity = now
+                    return
+                src.parked = None
+        except BlockingIOError:
+            if moved:
+                src.relay.conn.last_activity = now
+            return
+        except OSError as exc:
+            self._failed(src.relay, dst, exc)
+            return
+        src.relay.conn.last_activity = now
+        if src.eof:
+            self._pass_eof(src, dst, now)
+            if src.relay in self._done:
+                return
+        self._interest(src)
+        self._interest(dst)
+
+    @staticmethod
+    def _count(src: Side, n: int) -> None:
+        if src.inbound:
+            src.relay.conn.bytes_in += n
+        else:
+            src.relay.conn.bytes_out += n
+
+    def _eof(self, src: Side, dst: Side) -> None:
+        src.reading = False
+        src.eof = True
+        self._pass_eof(src, dst, src.relay.conn.last_activity)  # nothing is held: we read only then
+        if src.relay not in self._done:
+            self._interest(src)
+
+    def _pass_eof(self, src: Side, dst: Side, now: float) -> None:
+        """src's direction is over: shut dst's write side. The first direction to end starts
+        the half-close clock; the second ends the relay."""
+        try:
+            dst.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._failed(src.relay, dst, exc)
+            return
+        src.done = True
+        if dst.done:
+            self._finish(src.relay, None)
+        else:
+            src.relay.idle.half_closed(now)
+
+    # -- registrations ----------------------------------------------------------------
+
+    def _register(self, relay: Relay) -> None:
+        for side in (relay.client, relay.target):
+            want = self._wanted(side)
+            self._epoll.register(side.fd, want)
+            side.interest, side.registered = want, True
+            self._sides[side.fd] = side
+
+    @staticmethod
+    def _wanted(side: Side) -> int:
+        """EPOLLIN while its own direction reads and holds nothing; EPOLLOUT while the other
+        direction holds bytes for it. 0 stays registered: EPOLLERR and EPOLLHUP are still
+        reported, so a reset of a side with nothing to move is seen at once."""
+        want = _IN if side.reading and not side.holding else 0
+        return want | _OUT if side.peer.holding else want
+
+    def _interest(self, side: Side) -> None:
+        want = self._wanted(side)
+        if want == side.interest:
+            return
+        side.interest = want
+        if side.registered:
+            self._epoll.modify(side.fd, want)
+        elif want and side.relay not in self._done:  # unregistered after a bare EPOLLHUP
+            self._epoll.register(side.fd, want)
+            side.registered = True
+
+    def _unregister(self, relay: Relay) -> None:
+        """Forget both fds: before they are closed (a closed fd's number is reused at once,
+        and an unregister after close would hit whoever got it)."""
+        for side in (relay.client, relay.target):
+            if side.registered:
+                side.registered = False
+                self._epoll.unregister(side.fd)
+            if self._sides.get(side.fd) is side:
+                del self._sides[side.fd]
+
+    # -- endings ----------------------------------------------------------------------
+
+    def _failed(self, relay: Relay, side: Side, exc: OSError) -> None:
+        reason = Reason.CLIENT_RESET if side is relay.client else Reason.TARGET_RESET
+        self._finish(relay, ConnectionEnded(reason, str(exc)))
+
+    def _finish(self, relay: Relay, ended: BaseException | None) -> None:
+        """The relay is over (`ended` None: both directions done): stop watching its sockets
+        and wake its task."""
+        if relay in self._done or relay not in self._relays:
+            return
+        relay.ended = ended
+        self._done.add(relay)
+        self._unregister(relay)
+        task, relay.task = relay.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def _detach(self, relay: Relay) -> None:
+        """The connection leaves the relay, on every path: nothing registered, nothing held."""
+        self._unregister(relay)
+        self._relays.discard(relay)
+        self._done.discard(relay)
+        relay.task = None
+        for side in (relay.client, relay.target):
+            if side.pipe is not None:
+                side.pipe.close()  # it may hold bytes that belong to no one now
+                side.pipe = None
+            side.parked = None
+            # The sides and their relay point at each other: unlinked here, they are freed by
+            # reference counting the moment the connection lets go, not by a later GC pass.
+            del side.peer, side.relay

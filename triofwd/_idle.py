@@ -1,0 +1,97 @@
+"""A connection's quiet limits, kept lazily: inactivity, half-close, and extended keepalive.
+
+Whoever moves the bytes stamps `conn.last_activity` (a float store, per chunk); nothing
+moves a deadline per chunk. The connection's task waits for its traffic to end under one
+cancel scope whose deadline is the earliest limit that could pass; when it does, the limit
+is checked against the last activity, and the wait is re-armed if there was traffic since.
+An idle connection wakes once per idle window, a busy one never.
+
+    standard   last activity + inactivity_timeout
+    immortal   no inactivity limit (max_lifetime still holds: it is the connection's scope)
+    extended   idle for inactivity_timeout x keepalive_multiplier: one warning is logged, then
+               a grace period of inactivity_timeout from the warning; traffic starts it over
+    half-close the first EOF + half_close_timeout, whatever the traffic
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ._policy import Policy
+from ._reasons import Reason
+from ._record import Connection
+
+__all__ = ["IdleWatch"]
+
+log = logging.getLogger("triofwd.connection")
+
+
+class IdleWatch:
+    """The quiet limits of one connection's traffic, and the wait that keeps them."""
+
+    __slots__ = ("conn", "grace", "half_deadline", "half_window", "scope", "warn_after", "warned_at", "window")
+
+    def __init__(self, conn: Connection, policy: Policy) -> None:
+        self.conn = conn
+        self.warn_after = policy.idle_warning_after  # extended keepalive: the warning; else inf
+        self.grace = policy.inactivity_timeout  # after the warning
+        self.window = policy.idle_window  # standard: inactivity_timeout; immortal: inf
+        self.half_window = policy.half_close_timeout
+        self.half_deadline = math.inf
+        self.warned_at: float | None = None
+        self.scope: trio.CancelScope | None = None
+
+    def half_closed(self, now: float) -> None:
+        """The first direction ended: the other may run for half_close_timeout from now."""
+        if self.half_window == math.inf or self.half_deadline != math.inf:
+            return
+        self.half_deadline = now + self.half_window
+        if self.scope is not None:
+            self.scope.deadline = min(self.scope.deadline, self.half_deadline)
+
+    async def wait(self, until_over: Callable[[], Awaitable[object]]) -> Reason | None:
+        """Wait for `until_over()` (the traffic ended: None) under the quiet limits; one that
+        passes with no traffic since ends the wait with its reason (inactivity_timeout or
+        half_close_timeout), for the caller to end the connection with."""
+        while True:
+            with trio.CancelScope(deadline=self._deadline()) as scope:
+                self.scope = scope
+                await until_over()
+                return None
+            self.scope = None
+            reason = self._passed(trio.current_time())
+            if reason is not None:
+                return reason
+
+    def _deadline(self) -> float:
+        last = self.conn.last_activity
+        if self.warn_after != math.inf:
+            quiet = last + self.warn_after if self.warned_at is None else self.warned_at + self.grace
+        else:
+            quiet = last + self.window
+        return min(quiet, self.half_deadline)
+
+    def _passed(self, now: float) -> Reason | None:
+        """A deadline passed: the reason to end with, or None to wait on (there was traffic)."""
+        if now >= self.half_deadline:
+            return Reason.HALF_CLOSE_TIMEOUT
+        last = self.conn.last_activity
+        if self.warn_after == math.inf:
+            return Reason.INACTIVITY_TIMEOUT if now - last >= self.window else None
+        if self.warned_at is not None and last > self.warned_at:
+            self.warned_at = None  # traffic since the warning: the watch starts over
+        if self.warned_at is None:
+            if now - last >= self.warn_after:
+                self.warned_at = now
+                log.warning(
+                    "connection %d idle for %.0fs (keepalive extended): closing after a grace period of %.0fs unless traffic resumes",
+                    self.conn.id,
+                    self.warn_after,
+                    self.grace,
+                )
+            return None
+        return Reason.INACTIVITY_TIMEOUT if now >= self.warned_at + self.grace else None
