@@ -16,7 +16,7 @@ import trio
 
 from . import _rawsock as rawsock
 from ._context import ConnectionContext
-from ._dial import dialed
+from ._dial import dial
 from ._endings import deadline_means, failure_means
 from ._errors import ConnectionEnded
 from ._firstbytes import FirstBytes
@@ -95,7 +95,7 @@ async def _dial_and_relay(
     route's), `tls` (the TLS this end speaks: to the client, the target or both), established,
     relay (with `initial`, the bytes already read, sent first). Plain sockets both ways are
     the data engine's; a TLS stream on either side is copied by the relay's pump tasks."""
-    async with dialed(conn, route, ctx.targets.for_route(route), failure=failure) as target:
+    with await dial(conn, route, ctx.targets.for_route(route), failure=failure) as target:
         await _send_proxy_header(route.proxy_protocol if header is None else header, conn, client, target)
         if tls is None:
             _established(ctx, conn, route, client, target)

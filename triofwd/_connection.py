@@ -32,7 +32,7 @@ from ._firstbytes import FirstBytes, SocketReceiver, read_client_hello, read_pro
 from ._rawsock import closing
 from ._reasons import Reason
 from ._record import Connection
-from ._table import CompiledRoute
+from ._table import CompiledRoute, RouteTable
 
 __all__ = ["Connection", "run_connection"]
 
@@ -58,19 +58,29 @@ async def run_connection(ctx: ConnectionContext, sock: socket.socket, peer: tupl
         opened=now,
         last_activity=now,
     )
-    with ctx.tracked(conn):
-        try:
-            with closing(sock):  # without an await: nothing on its way out is replaced
-                with conn.scope:  # kill(), the first cause, and max_lifetime (its deadline)
-                    await _serve(ctx, conn, sock, listener)
-                if conn.scope.cancelled_caught:
-                    conn.settle(Reason.LIFETIME_EXCEEDED)  # kill() and end() record theirs before cancelling
-        except BaseException as exc:
-            escaping = _settle_from(conn, exc)
-            if escaping is exc:
-                raise
-            if escaping is not None:
-                raise escaping from None
+    ctx.opened(conn)
+    try:
+        with closing(sock):  # without an await: nothing on its way out is replaced
+            table = ctx.table  # the table at accept time; a reload does not move a live connection
+            # Where no first bytes pick the route, it is known now: before any limit is checked
+            # (refusals are logged on their route), and its max_lifetime is the scope's from the
+            # start (a deadline given to a new scope costs less than one moved later).
+            found = None if table.reads_first_bytes(listener) else table.match(listener, conn.client_ip)
+            if isinstance(found, CompiledRoute):
+                conn.route = found.name
+            conn.scope = trio.CancelScope(deadline=now + (found if isinstance(found, CompiledRoute) else table).policy.max_lifetime)
+            with conn.scope:  # kill(), the first cause, and max_lifetime (its deadline)
+                await _serve(ctx, table, conn, sock, found)
+            if conn.scope.cancelled_caught:
+                conn.settle(Reason.LIFETIME_EXCEEDED)  # kill() and end() record theirs before cancelling
+    except BaseException as exc:
+        escaping = _settle_from(conn, exc)
+        if escaping is exc:
+            raise
+        if escaping is not None:
+            raise escaping from None
+    finally:
+        ctx.closed(conn)
 
 
 def _settle_from(conn: Connection, exc: BaseException) -> BaseException | None:
@@ -95,14 +105,10 @@ def _settle_from(conn: Connection, exc: BaseException) -> BaseException | None:
         return None
 
 
-async def _serve(ctx: ConnectionContext, conn: Connection, client: socket.socket, listener: ListenKey) -> None:
-    table = ctx.table  # the table at accept time; a reload does not move a live connection
+async def _serve(ctx: ConnectionContext, table: RouteTable, conn: Connection, client: socket.socket, found: CompiledRoute | Reason | None) -> None:
+    listener = conn.listener
     reads = table.reads_first_bytes(listener)
-    found = None if reads else table.match(listener, conn.client_ip)
-    if isinstance(found, CompiledRoute):
-        conn.route = found.name  # known before any limit is checked: refusals are logged on their route
     first = FirstBytes()
-    conn.scope.deadline = conn.opened + table.policy.max_lifetime
     first_bytes_due = conn.opened + table.first_bytes_timeout(listener)
     with ctx.gate.capacity():
         if table.accepts_proxy(listener):
@@ -121,8 +127,9 @@ async def _serve(ctx: ConnectionContext, conn: Connection, client: socket.socket
             if not isinstance(found, CompiledRoute):
                 raise ConnectionEnded(found if found is not None else Reason.NO_ROUTE)
             route = found
-            conn.route = route.name
-            conn.scope.deadline = conn.opened + route.policy.max_lifetime
+            if reads:  # routed only now: the route's own lifetime from here on
+                conn.route = route.name
+                conn.scope.deadline = conn.opened + route.policy.max_lifetime
             with ctx.route_gate(route).admitted(conn.client_ip, trio.current_time()):
                 await ACTIONS[route.kind](ctx, conn, client, route, first)
 

@@ -7,8 +7,8 @@
       targets        each dialing route's targets: balancing, health, warm sockets
       engine         the data engine that moves the bytes of plain relays
       next_id()      the connection's number
-      tracked(conn)  the connection is in the table while the block runs; leaving it
-                     records the end: the one place where an ending is recorded
+      opened(conn)   the connection is in the table from now on
+      closed(conn)   it has ended: the one place where an ending is recorded
 
 The forwarder (`_server`) owns one and changes it on reload; the connection code
 (`_connection`, `_actions`) sees only this.
@@ -16,10 +16,9 @@ The forwarder (`_server`) owns one and changes it on reload; the connection code
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -73,28 +72,26 @@ class ConnectionContext:
         for name, gate in self._route_gates.items():
             gate.update(names[name].limits)
 
-    @contextlib.contextmanager
-    def tracked(self, conn: Connection) -> Iterator[None]:
-        """The connection is in the table while the block runs; leaving it records the end.
-
-        This is the one place where a connection's end is recorded: reason, stats,
-        access log — on every path out of the connection task.
-        """
+    def opened(self, conn: Connection) -> None:
+        """The connection is in the table from now on, until `closed`."""
         self.stats.accepted += 1
         self.live[conn.id] = conn
-        self.emit("open", conn)
-        try:
-            yield
-        finally:
-            del self.live[conn.id]
-            conn.settle(Reason.NORMAL)
-            conn.state = "closed"
-            # Each record of the end on its own: one that fails must neither end the others
-            # (the daemon) nor keep the rest from being written.
-            _recorded(self.stats.record, conn)
+        if self.watchers:
+            self.emit("open", conn)
+
+    def closed(self, conn: Connection) -> None:
+        """The connection has ended: the one place where an end is recorded (reason, stats,
+        watchers, access log), called on every path out of the connection task."""
+        del self.live[conn.id]
+        conn.settle(Reason.NORMAL)
+        conn.state = "closed"
+        # Each record of the end on its own: one that fails must neither end the others
+        # (the daemon) nor keep the rest from being written.
+        _recorded(self.stats.record, conn)
+        if self.watchers:
             _recorded(self.emit, "close", conn)
-            if self._access_log is not None:
-                _recorded(self._access_log.write, conn, conn.age())
+        if self._access_log is not None:
+            _recorded(self._access_log.write, conn, conn.age())
 
     def emit(self, event: str, conn: Connection) -> None:
         """Tell the watchers (the control socket's `watch`); one too slow, or gone, is dropped."""

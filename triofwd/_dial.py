@@ -4,20 +4,18 @@ and report each outcome to the target's health (`_connect` opens each connection
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import trio
 
 from ._addresses import format_address
+from ._balance import Balancer
 from ._connect import connect_failed, connect_failure, open_target
 from ._endings import leaves
 from ._errors import ConnectionEnded
 from ._health import Attempt, TargetHealth
-from ._rawsock import closing
 from ._reasons import Reason
 from ._targets import RouteTargets
 
@@ -25,7 +23,7 @@ if TYPE_CHECKING:
     from ._record import Connection
     from ._table import CompiledRoute
 
-__all__ = ["dialed"]
+__all__ = ["Dialed", "dial"]
 
 log = logging.getLogger("triofwd.dial")
 
@@ -39,15 +37,39 @@ def _reached(sock: socket.socket) -> tuple[object, ...]:
     try:
         peer: tuple[object, ...] = sock.getpeername()
     except OSError:
-        trio.lowlevel.notify_closing(sock)
         sock.close()
         raise
     return peer
 
 
-@contextlib.asynccontextmanager
-async def dialed(conn: Connection, route: CompiledRoute, targets: RouteTargets, failure: Reason | None = None) -> AsyncIterator[socket.socket]:
-    """A connected target socket, held in the balancer while the block runs, closed after.
+class Dialed:
+    """A connected target socket, held in the balancer until the block ends, then closed;
+    how the connection ended is reported to the target's health."""
+
+    __slots__ = ("_balancer", "_health", "_index", "sock")
+
+    def __init__(self, sock: socket.socket, health: TargetHealth, balancer: Balancer, index: int) -> None:
+        self.sock = sock
+        self._health = health
+        self._balancer = balancer
+        self._index = index
+        balancer.active[index] += 1
+
+    def __enter__(self) -> socket.socket:
+        return self.sock
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._balancer.active[self._index] -= 1
+        self.sock.close()
+        if exc is None:
+            self._health.succeeded()
+        else:
+            _report_end(self._health, exc)
+
+
+async def dial(conn: Connection, route: CompiledRoute, targets: RouteTargets, failure: Reason | None = None) -> Dialed:
+    """A connected target: `with await dial(...) as sock:` holds it in the balancer while
+    the block runs and closes it after.
 
     Tries up to 1 + connect_retries of the targets that are usable now (health checks,
     circuit breakers) in the balancer's order, a warm socket first where one is ready.
@@ -81,14 +103,7 @@ async def dialed(conn: Connection, route: CompiledRoute, targets: RouteTargets, 
             conn.connect_time = trio.current_time() - began
             target.health.connected(attempt)
             conn.target = format_address(peer)
-            with closing(sock), targets.balancer.hold(index):
-                try:
-                    yield sock
-                except BaseException as exc:
-                    _report_end(target.health, exc)
-                    raise
-                target.health.succeeded()
-            return
+            return Dialed(sock, target.health, targets.balancer, index)
         detail = f"{target.name} failed ({reason})"
         connect_failed(target.health, reason, attempt)
         log.info("connection %d: %s", conn.id, detail)

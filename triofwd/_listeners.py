@@ -111,6 +111,7 @@ class Listeners:
         warned_at = -math.inf  # when this listener last warned
         warned = False  # the current burst was warned about
         raw = entry.raw
+        family = int(raw.family)
         try:
             with entry.scope:
                 async with listener:
@@ -124,7 +125,7 @@ class Listeners:
                             if batch >= ACCEPT_BATCH or entry.scope.cancel_called:
                                 batch = 0
                                 await trio.lowlevel.checkpoint()  # and where close() cancelled us, stop here
-                            while (ready := _accept_ready(raw)) is None:
+                            while (ready := _accept_ready(raw, family)) is None:
                                 batch = 0
                                 await trio.lowlevel.wait_readable(listener.socket)
                             batch += 1
@@ -156,12 +157,14 @@ class Listeners:
                     del self.by_key[entry.key]
 
 
-def _accept_ready(listener: socket.socket) -> tuple[socket.socket, Any] | None:
-    """A connection waiting in the backlog, or None; accept() without trio's checkpoints around it."""
+def _accept_ready(listener: socket.socket, family: int) -> tuple[socket.socket, Any] | None:
+    """A connection waiting in the backlog, or None: accept() without trio's checkpoints around
+    it, and without socket.accept()'s conversions of the family and type to enums."""
     try:
-        return listener.accept()
+        fd, peer = listener._accept()  # type: ignore[attr-defined]  # noqa: SLF001 - socket.accept() less its wrapping
     except BlockingIOError:
         return None
+    return socket.socket(family, socket.SOCK_STREAM, 0, fd), peer
 
 
 def offload_only(table: RouteTable) -> set[ListenKey]:

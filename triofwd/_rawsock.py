@@ -7,11 +7,9 @@ is the one place that reaches for it, and tests/test_rawsock.py fails if trio ch
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
-from collections.abc import Iterator
 
 import trio
 
@@ -34,16 +32,21 @@ def raw_socket(sock: trio.socket.SocketType) -> socket.socket:
     return raw
 
 
-@contextlib.contextmanager
-def closing(sock: socket.socket) -> Iterator[socket.socket]:
-    """Close `sock` when the block ends, without an await (a Cancelled from a checkpoint in
-    the close would replace what is on its way out); trio is told first, in case a task of
-    its waits on the fd."""
-    try:
-        yield sock
-    finally:
-        trio.lowlevel.notify_closing(sock)
-        sock.close()
+class closing:
+    """Close a socket when the block ends, without an await: a Cancelled from a checkpoint in
+    the close would replace what is on its way out. (No trio task waits on a socket its
+    owner closes, so trio need not be told: its one-shot registration goes with the fd.)"""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def __enter__(self) -> socket.socket:
+        return self.sock
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
 
 
 async def connect(family: int, address: tuple[str, int]) -> socket.socket:
@@ -59,7 +62,6 @@ async def connect(family: int, address: tuple[str, int]) -> socket.socket:
         if error:
             raise OSError(error, os.strerror(error))
     except BaseException:
-        trio.lowlevel.notify_closing(sock)  # wait_writable may have left it in trio's epoll
         sock.close()
         raise
     return sock

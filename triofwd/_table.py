@@ -108,12 +108,14 @@ class RouteTable:
     _reads_hello: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
     _first_bytes_timeout: dict[ListenKey, float] = dataclasses.field(init=False, repr=False)
     _keepalive: dict[ListenKey, float] = dataclasses.field(init=False, repr=False)
+    _filters_ips: frozenset[ListenKey] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         items = self.by_listener.items()
         object.__setattr__(self, "_accepts_proxy", frozenset(k for k, rs in items if any(r.accept_proxy_protocol for r in rs)))
         object.__setattr__(self, "_reads_hello", frozenset(k for k, rs in items if any(r.domains or r.kind in BRIDGES for r in rs)))
         object.__setattr__(self, "_first_bytes_timeout", {k: max(r.policy.initial_data_timeout for r in rs) for k, rs in items})
+        object.__setattr__(self, "_filters_ips", frozenset(k for k, rs in items if any(r.client_ips or r.block_ips for r in rs)))
         shared = {k: {r.policy.tcp_keepalive for r in rs} for k, rs in items}
         object.__setattr__(self, "_keepalive", {k: values.pop() for k, values in shared.items() if len(values) == 1})
 
@@ -158,16 +160,18 @@ class RouteTable:
         connection with `ip_blocked`. Nothing left: `ip_blocked` if an allow list turned
         the client away, else `no_route`.
         """
-        ip = client_address(client_ip)
+        # Parsing the address costs more than the rest of the match: only where a list needs it.
+        ip = client_address(client_ip) if key in self._filters_ips else None
         turned_away = False
         for route in self.by_listener.get(key, ()):
             if route.domains and not (sni and any(domain_matches(p, sni) for p in route.domains)):
                 continue
-            if route.client_ips and not in_any(ip, route.client_ips):
-                turned_away = True
-                continue
-            if in_any(ip, route.block_ips):
-                return Reason.IP_BLOCKED
+            if ip is not None:
+                if route.client_ips and not in_any(ip, route.client_ips):
+                    turned_away = True
+                    continue
+                if in_any(ip, route.block_ips):
+                    return Reason.IP_BLOCKED
             return route
         return Reason.IP_BLOCKED if turned_away else Reason.NO_ROUTE
 

@@ -131,6 +131,8 @@ class RouteTargets:
 
     def order(self, attempts: int, now: float) -> list[int]:
         """Indexes of targets to try; only the usable ones (empty: every target is down)."""
+        if len(self.targets) == 1:  # the common case, without the lists
+            return [0] * attempts if self.targets[0].health.usable(now) else []
         usable = [i for i, target in enumerate(self.targets) if target.health.usable(now)]
         return self.balancer.order(attempts, None if len(usable) == len(self.targets) else usable)
 

@@ -295,7 +295,7 @@ def _line_problems(case: matrix.Case, peer: Peer, line: dict[str, Any], warned: 
         problems.append(f"ended after {line['duration_ms']} ms, before its timeout of {matrix.lower_bound(case)} s")
     extended_idle = combo.keepalive == "extended" and fault == "inactivity"
     if warned[line["id"]] != (1 if extended_idle else 0):
-        problems.append(f"{warned[line['id']]} keepalive-extended warnings")
+        problems.append(f"{warned[line['id']]} keepalive-extended warnings (the line: {line})")
     if fault in ("normal", "target_half_close", "reload") or (fault == "client_half_close" and not combo.tls):
         if combo.action in ("terminate", "reencrypt"):  # counted as plaintext, on both sides of the terminator
             want = (peer.sent, peer.received)
