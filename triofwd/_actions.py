@@ -113,15 +113,19 @@ def stream_of(sock: socket.socket) -> trio.SocketStream:
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
-async def forward(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
+# forward and bridge_to hand back _dial_and_relay's coroutine rather than await it: one
+# coroutine frame fewer held by every idle connection.
+
+
+def forward(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> Awaitable[None]:
     """Bytes both ways between the client and a target; the first bytes already read go first."""
-    await _dial_and_relay(ctx, conn, route, client, first.data)
+    return _dial_and_relay(ctx, conn, route, client, first.data)
 
 
-async def bridge_to(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
+def bridge_to(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> Awaitable[None]:
     """The connection, ClientHello and all, to an external TLS terminator, told the real
     client by a PROXY v2 header on the hop; one that cannot be reached is bridge_error."""
-    await _dial_and_relay(ctx, conn, route, client, first.data, header="v2", failure=Reason.BRIDGE_ERROR)
+    return _dial_and_relay(ctx, conn, route, client, first.data, header="v2", failure=Reason.BRIDGE_ERROR)
 
 
 async def terminate(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:

@@ -17,7 +17,7 @@ from ._endings import leaves
 from ._health import Attempt, TargetHealth
 from ._reasons import Reason
 
-__all__ = ["connect_failed", "connect_failure", "open_target"]
+__all__ = ["connect_failed", "connect_failure", "is_address", "open_target"]
 
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
 # No socket could be made here (out of fds or memory): the limit is ours, not the target's.
@@ -52,6 +52,11 @@ def connect_failure(exc: OSError | trio.TooSlowError) -> Reason:
     if codes & _TIMEOUT:
         return Reason.CONNECT_TIMEOUT
     return Reason.TARGET_UNREACHABLE
+
+
+def is_address(host: str) -> bool:
+    """`host` is an IP address (connected to as it is), not a name."""
+    return _literal_family(host) is not None
 
 
 def _literal_family(host: str) -> int | None:

@@ -92,8 +92,12 @@ async def dial(conn: Connection, route: CompiledRoute, targets: RouteTargets, fa
         try:
             # A half-open circuit's probe is a fresh connect: a warm socket from before proves nothing.
             warm = target.take_warm(began) if attempt is Attempt.NORMAL else None
-            sock = warm or await open_target(host, port, route.policy.connect_timeout)
-            peer = _reached(sock)
+            peer: tuple[object, ...]
+            if warm is None and target.literal:  # connected to this very address, just now
+                sock, peer = await open_target(host, port, route.policy.connect_timeout), target.address
+            else:  # which of a name's addresses, or whether a warm socket still is connected
+                sock = warm or await open_target(host, port, route.policy.connect_timeout)
+                peer = _reached(sock)
         except (trio.TooSlowError, OSError) as exc:
             reason = connect_failure(exc)
         except BaseException:

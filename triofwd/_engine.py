@@ -32,7 +32,10 @@ internal_error) and no other.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
+import math
 import os
 import select
 import socket
@@ -59,6 +62,9 @@ SPLICE = True
 # epoll fd and a scheduler pass), 16 about what 256 costs; a full batch is followed by a
 # checkpoint, so a flood cannot starve the rest of the program.
 BATCH = 256
+# Timer entries left behind by relays that have gone, tolerated before the timers are
+# rebuilt without them (when they are also the majority): memory bounded, work amortized.
+STALE_TIMERS = 1024
 
 _IN, _OUT, _ERR, _HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 # Per call, so a socket needs no fcntl to be non-blocking (splice needs O_NONBLOCK: set
@@ -97,7 +103,7 @@ class Side:
 class Relay:
     """Two sockets relayed by the engine for one connection; `Engine.attached` makes one."""
 
-    __slots__ = ("client", "conn", "ended", "engine", "idle", "nonblocking", "spliced", "target", "task")
+    __slots__ = ("client", "conn", "due", "ended", "engine", "idle", "nonblocking", "target", "task")
 
     def __init__(self, engine: Engine, conn: Connection, client: socket.socket, target: socket.socket, policy: Policy) -> None:
         self.engine = engine
@@ -109,7 +115,7 @@ class Relay:
         self.task: Any = None  # the connection's task, while it waits for the relay
         self.ended: BaseException | None = None  # why it stopped early: ConnectionEnded, or a bug
         self.nonblocking = False
-        self.spliced = False
+        self.due = math.inf  # when the engine's timers look at its quiet limits next
 
     def __enter__(self) -> Relay:
         self.engine._relays.add(self)
@@ -127,10 +133,14 @@ class Relay:
         if initial:
             self._send_initial(initial)
         if self.ended is None:
-            self.engine._register(self)
-            quiet = await self.idle.wait(self._until_over)
-            if quiet is not None:
-                raise ConnectionEnded(quiet)
+            engine = self.engine
+            engine._register(self)
+            engine._arm(self)
+            # Until the engine ends the relay: both directions done, a failure, or a quiet
+            # limit its timers found passed (they keep them for every relay, lazily: no scope
+            # or deadline of the connection's own moves while bytes flow).
+            self.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
         if self.ended is not None:
             raise self._take_ended()
 
@@ -154,12 +164,6 @@ class Relay:
         if sent < len(data):
             self.client.parked = memoryview(data)[sent:]
 
-    async def _until_over(self) -> None:
-        if self in self.engine._done:
-            return
-        self.task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
-
     def _abort(self, _: object) -> trio.lowlevel.Abort:
         self.task = None  # cancelled (a deadline, kill, shutdown): the engine must not wake it
         return trio.lowlevel.Abort.SUCCEEDED
@@ -174,6 +178,12 @@ class Engine:
         self._relays: set[Relay] = set()  # attached
         self._done: set[Relay] = set()  # attached, and over: waiting for their task to leave
         self._buffer = memoryview(bytearray(COPY_CHUNK))
+        # The relays' quiet limits: (when, sequence, relay), earliest first. An entry that
+        # no longer says when its relay is due (re-armed later, or the relay gone) is skipped.
+        self._timers: list[tuple[float, int, Relay]] = []
+        self._timer_scope: trio.CancelScope | None = None
+        self._sequence = itertools.count()
+        self._stale = 0  # entries left for relays that left, or were re-armed earlier
         self.batches = 0  # wakeups with events (tests and the profile read them)
         self.events = 0
 
@@ -194,10 +204,56 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Move bytes until cancelled (after every connection has left)."""
+        """Move bytes, and keep the relays' quiet limits, until cancelled (after every
+        connection has left)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_time, name="triofwd engine timers")
+            await self._move()
+
+    async def _keep_time(self) -> None:
+        """Sleep until the earliest relay is due (one scope for all of them), then look at
+        what is due: a quiet limit passed ends its relay; traffic since moves it later."""
+        while True:
+            with trio.CancelScope(deadline=self._timers[0][0] if self._timers else math.inf) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            timers = self._timers
+            while timers and timers[0][0] <= now:
+                due, _, relay = heapq.heappop(timers)
+                if due != relay.due or relay not in self._relays or relay in self._done:
+                    self._stale = max(0, self._stale - 1)
+                    continue  # re-armed since, or over
+                relay.due = math.inf
+                try:
+                    reason = relay.idle.passed(now)
+                except Exception as exc:  # noqa: BLE001 - one relay's bug ends that relay
+                    self._finish(relay, exc)
+                    continue
+                if reason is not None:
+                    self._finish(relay, ConnectionEnded(reason))
+                else:
+                    self._arm(relay)
+
+    def _arm(self, relay: Relay) -> None:
+        """Put the relay's next quiet limit on the timers (if earlier than the one it has)."""
+        due = relay.idle.deadline()
+        if due >= relay.due:
+            return
+        if relay.due != math.inf:
+            self._stale += 1  # its later entry stays behind
+        relay.due = due
+        heapq.heappush(self._timers, (due, next(self._sequence), relay))
+        scope = self._timer_scope
+        if scope is not None and due < scope.deadline:
+            scope.deadline = due
+
+    async def _move(self) -> None:
         epoll_fd = self._epoll.fileno()
         poll, sides, event = self._epoll.poll, self._sides, self._event
         wait_readable, checkpoint, now_ = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint, trio.current_time
+        buffer = view = self._buffer
         try:
             while True:
                 await wait_readable(epoll_fd)
@@ -210,8 +266,41 @@ class Engine:
                     now = now_()
                     for fd, mask in events:
                         side = sides.get(fd)
-                        if side is not None:  # else its relay ended earlier in this batch
-                            event(side, mask, now)
+                        if side is None:  # its relay ended earlier in this batch
+                            continue
+                        try:
+                            # The common case written out here, without a call: a small chunk to
+                            # read and a destination that takes it whole. Anything else: _event.
+                            if mask != _IN or side.bulk or side.parked is not None or side.pipe is not None or not side.reading:
+                                event(side, mask, now)
+                                continue
+                            try:
+                                n = side.sock.recv_into(buffer, COPY_CHUNK, _FLAGS)
+                            except BlockingIOError:
+                                continue
+                            except OSError:
+                                event(side, mask, now)  # it reads again, and tells the failing side
+                                continue
+                            if 0 < n < SPLICE_AT:
+                                try:
+                                    sent = side.peer.sock.send(view[:n], _FLAGS)
+                                except BlockingIOError:
+                                    sent = 0
+                                except OSError:
+                                    sent = -1  # _copy sends again, and tells the failing side
+                                if sent == n:
+                                    conn = side.relay.conn
+                                    conn.last_activity = now
+                                    if side.inbound:
+                                        conn.bytes_in += n
+                                    else:
+                                        conn.bytes_out += n
+                                    continue
+                                event(side, mask, now, n, sent)
+                                continue
+                            event(side, mask, now, n)
+                        except Exception as exc:  # noqa: BLE001 - one relay's bug ends that relay, never the engine
+                            self._finish(side.relay, exc)
                     await checkpoint()
         finally:
             # Stopping with relays still attached (a bug took the engine down): end them, so
@@ -219,9 +308,15 @@ class Engine:
             for relay in list(self._relays):
                 self._finish(relay, RuntimeError("the data engine stopped"))
 
-    def _event(self, side: Side, mask: int, now: float) -> None:
+    def _event(self, side: Side, mask: int, now: float, read: int = -1, sent: int = -1) -> None:
+        """One ready socket. From the run loop's fast path: `read` bytes already in the buffer
+        (an EOF, a big chunk, or a small one the destination did not take whole: `sent` of
+        them went), else -1; `sent` -1: not sent yet (or the send failed: it is tried again)."""
         relay = side.relay
         try:
+            if read >= 0:
+                self._copy(side, side.peer, now, read, sent)
+                return
             if mask & _ERR:
                 error = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
                 self._failed(relay, side, OSError(error, os.strerror(error)))
@@ -252,27 +347,31 @@ class Engine:
 
     # -- moving bytes -----------------------------------------------------------------
 
-    def _copy(self, src: Side, dst: Side, now: float) -> None:
+    def _copy(self, src: Side, dst: Side, now: float, read: int = -1, sent: int = -1) -> None:
         buffer = self._buffer
-        try:
-            n = src.sock.recv_into(buffer, COPY_CHUNK, _FLAGS)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._failed(src.relay, src, exc)
-            return
+        if read >= 0:
+            n = read  # already in the buffer
+        else:
+            try:
+                n = src.sock.recv_into(buffer, COPY_CHUNK, _FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._failed(src.relay, src, exc)
+                return
         conn = src.relay.conn
         conn.last_activity = now
         if not n:
             self._eof(src, dst)
             return
-        try:
-            sent = dst.sock.send(buffer[:n], _FLAGS)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._failed(src.relay, dst, exc)
-            return
+        if sent < 0:  # not tried yet, or it failed: (again), for the failing side
+            try:
+                sent = dst.sock.send(buffer[:n], _FLAGS)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._failed(src.relay, dst, exc)
+                return
         if src.inbound:
             conn.bytes_in += sent
         else:
@@ -399,7 +498,9 @@ class Engine:
         except OSError as exc:
             self._failed(src.relay, dst, exc)
             return
-        src.relay.idle.half_closed(now)
+        relay = src.relay
+        relay.idle.half_closed(now)
+        self._arm(relay)  # the half-close limit may be due before the quiet one
 
     # -- registrations ----------------------------------------------------------------
 
@@ -430,12 +531,14 @@ class Engine:
             side.registered = True
 
     def _unregister(self, relay: Relay) -> None:
-        """Forget both fds: before they are closed (a closed fd's number is reused at once,
-        and an unregister after close would hit whoever got it)."""
+        """Forget both fds before they are closed (a closed fd's number is reused at once).
+
+        No EPOLL_CTL_DEL: closing a socket takes it out of the epoll (no relayed socket is
+        ever dup()ed or inherited by a fork), and each relay's sockets are closed right after
+        it is detached, with no await between; until then an event of theirs is dropped (their
+        fds are no longer in the map). Two syscalls fewer per connection."""
         for side in (relay.client, relay.target):
-            if side.registered:
-                side.registered = False
-                self._epoll.unregister(side.fd)
+            side.registered = False
             if self._sides.get(side.fd) is side:
                 del self._sides[side.fd]
 
@@ -459,6 +562,15 @@ class Engine:
 
     def _detach(self, relay: Relay) -> None:
         """The connection leaves the relay, on every path: nothing registered, nothing held."""
+        if relay.due != math.inf:
+            relay.due = math.inf
+            self._stale += 1
+            # A left relay's entry would hold it until its time came (an hour, by default):
+            # once most entries are such, the timers are rebuilt without them.
+            if self._stale > STALE_TIMERS and 2 * self._stale > len(self._timers):
+                self._timers = [entry for entry in self._timers if entry[2].due == entry[0]]
+                heapq.heapify(self._timers)
+                self._stale = 0
         self._unregister(relay)
         self._relays.discard(relay)
         self._done.discard(relay)

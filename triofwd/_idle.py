@@ -53,6 +53,14 @@ class IdleWatch:
         if self.scope is not None:
             self.scope.deadline = min(self.scope.deadline, self.half_deadline)
 
+    def deadline(self) -> float:
+        """When a quiet limit could pass next, if no byte moves before."""
+        return self._deadline()
+
+    def passed(self, now: float) -> Reason | None:
+        """A deadline came: the reason to end with, or None (there was traffic: wait on)."""
+        return self._passed(now)
+
     async def wait(self, until_over: Callable[[], Awaitable[object]]) -> Reason | None:
         """Wait for `until_over()` (the traffic ended: None) under the quiet limits; one that
         passes with no traffic since ends the wait with its reason (inactivity_timeout or

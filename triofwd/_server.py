@@ -91,7 +91,9 @@ class Forwarder:
         """Totals, per route and reason; offload routes carry the kernel counters last read;
         `targets` has each target's health (routes that dial targets)."""
         snapshot = self._context.stats.snapshot(self._context.live.values(), self._kernel.counters)
-        return {**snapshot, "targets": self.target_states()}
+        engine = self._context.engine
+        moved = {"wakeups": engine.batches, "events": engine.events, "sockets": engine.registered}
+        return {**snapshot, "targets": self.target_states(), "engine": moved}
 
     def target_states(self) -> dict[str, list[dict[str, Any]]]:
         """Route name -> each target's health, circuit, active and warm counts."""

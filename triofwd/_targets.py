@@ -21,7 +21,7 @@ import trio
 
 from ._addresses import format_address
 from ._balance import Balancer
-from ._connect import connect_failed, connect_failure, open_target
+from ._connect import connect_failed, connect_failure, is_address, open_target
 from ._health import CheckPolicy, Circuit, TargetHealth
 from ._reasons import Reason
 
@@ -60,10 +60,11 @@ def _close(sock: socket.socket) -> None:
 class Target:
     """One target of a route: its address, health and warm sockets."""
 
-    __slots__ = ("address", "health", "taken", "warm")
+    __slots__ = ("address", "health", "literal", "taken", "warm")
 
     def __init__(self, address: tuple[str, int], route: CompiledRoute) -> None:
         self.address = address
+        self.literal = is_address(address[0])  # an IP address, not a name to resolve
         self.health = TargetHealth(route.circuit)
         self.warm: collections.deque[tuple[float, socket.socket]] = collections.deque()
         self.taken = trio.Event()  # set (and replaced) whenever a warm socket leaves the pool
