@@ -95,7 +95,7 @@ async def _dial_and_relay(
     route's), `tls` (the TLS this end speaks: to the client, the target or both), established,
     relay (with `initial`, the bytes already read, sent first). Plain sockets both ways are
     the data engine's; a TLS stream on either side is copied by the relay's pump tasks."""
-    with await dial(conn, route, ctx.targets.for_route(route), failure=failure) as target:
+    with await dial(conn, route, ctx.targets.for_route(route), ctx.engine, failure=failure) as target:
         await _send_proxy_header(route.proxy_protocol if header is None else header, conn, client, target)
         if tls is None:
             _established(ctx, conn, route, client, target)
@@ -104,7 +104,7 @@ async def _dial_and_relay(
             return
         client_side, target_side = await tls(target)
         _established(ctx, conn, route, client, target)
-        await relay(conn, client_side, target_side, route.policy)
+        await relay(conn, client_side, target_side, route.policy, (client, target))
     await _close_notify(client_side)
 
 

@@ -17,7 +17,7 @@ from ._endings import leaves
 from ._health import Attempt, TargetHealth
 from ._reasons import Reason
 
-__all__ = ["connect_failed", "connect_failure", "is_address", "open_target"]
+__all__ = ["connect_failed", "connect_failure", "literal_family", "open_target"]
 
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
 # No socket could be made here (out of fds or memory): the limit is ours, not the target's.
@@ -54,12 +54,7 @@ def connect_failure(exc: OSError | trio.TooSlowError) -> Reason:
     return Reason.TARGET_UNREACHABLE
 
 
-def is_address(host: str) -> bool:
-    """`host` is an IP address (connected to as it is), not a name."""
-    return _literal_family(host) is not None
-
-
-def _literal_family(host: str) -> int | None:
+def literal_family(host: str) -> int | None:
     """AF_INET or AF_INET6 when `host` is an IP address, not a name."""
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
@@ -74,7 +69,7 @@ async def open_target(host: str, port: int, timeout: float) -> socket.socket:
     """A fresh connection to a target, within `timeout` (trio.TooSlowError past it): a plain
     non-blocking socket with TCP_NODELAY, as the data engine relays it."""
     with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:  # fail_after, without its generator
-        family = _literal_family(host)
+        family = literal_family(host)
         if family is not None:
             # An address has nothing to race: one non-blocking connect, without open_tcp_stream's
             # nursery and task per attempt (a sixth of the forwarder's time per new connection).

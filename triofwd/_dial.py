@@ -20,6 +20,7 @@ from ._reasons import Reason
 from ._targets import RouteTargets
 
 if TYPE_CHECKING:
+    from ._engine import Engine
     from ._record import Connection
     from ._table import CompiledRoute
 
@@ -67,7 +68,7 @@ class Dialed:
             _report_end(self._health, exc)
 
 
-async def dial(conn: Connection, route: CompiledRoute, targets: RouteTargets, failure: Reason | None = None) -> Dialed:
+async def dial(conn: Connection, route: CompiledRoute, targets: RouteTargets, engine: Engine, failure: Reason | None = None) -> Dialed:
     """A connected target: `with await dial(...) as sock:` holds it in the balancer while
     the block runs and closes it after.
 
@@ -76,7 +77,8 @@ async def dial(conn: Connection, route: CompiledRoute, targets: RouteTargets, fa
     When none is usable the connection ends at once; when all attempts fail, with the
     last attempt's reason — or with `failure` if given (bridge_error: the hop to a TLS
     terminator is not a target of the client's). Each outcome is reported to the
-    target's health: connect failures and target resets count against it.
+    target's health: connect failures and target resets count against it. The engine
+    connects to IP addresses (the socket is then in its epoll, for the relay).
     """
     conn.state = "connecting"
     reason = Reason.TARGET_UNREACHABLE
@@ -93,8 +95,8 @@ async def dial(conn: Connection, route: CompiledRoute, targets: RouteTargets, fa
             # A half-open circuit's probe is a fresh connect: a warm socket from before proves nothing.
             warm = target.take_warm(began) if attempt is Attempt.NORMAL else None
             peer: tuple[object, ...]
-            if warm is None and target.literal:  # connected to this very address, just now
-                sock, peer = await open_target(host, port, route.policy.connect_timeout), target.address
+            if warm is None and target.literal is not None:  # connected to this very address, just now
+                sock, peer = await engine.connect(target.literal, target.address, route.policy.connect_timeout), target.address
             else:  # which of a name's addresses, or whether a warm socket still is connected
                 sock = warm or await open_target(host, port, route.policy.connect_timeout)
                 peer = _reached(sock)

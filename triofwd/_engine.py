@@ -41,6 +41,7 @@ import select
 import socket
 from typing import Any
 
+import outcome
 import trio
 
 from ._errors import ConnectionEnded
@@ -111,7 +112,7 @@ class Relay:
         self.client = client_side = Side(client, self, inbound=True)
         self.target = target_side = Side(target, self, inbound=False)
         client_side.peer, target_side.peer = target_side, client_side
-        self.idle = IdleWatch(conn, policy)
+        self.idle = IdleWatch(conn, policy, (client, target))
         self.task: Any = None  # the connection's task, while it waits for the relay
         self.ended: BaseException | None = None  # why it stopped early: ConnectionEnded, or a bug
         self.nonblocking = False
@@ -169,6 +170,17 @@ class Relay:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
+class Connecting:
+    """A connection task waiting in the engine for its non-blocking connect to complete."""
+
+    __slots__ = ("due", "fd", "task")
+
+    def __init__(self, fd: int, task: Any) -> None:
+        self.fd = fd
+        self.task = task
+        self.due = math.inf  # the connect timeout, on the engine's timers
+
+
 class Engine:
     """One per forwarder: every plain relay's bytes, in one trio task (`run`)."""
 
@@ -176,11 +188,16 @@ class Engine:
         self._epoll = select.epoll()
         self._sides: dict[int, Side] = {}  # registered fds
         self._relays: set[Relay] = set()  # attached
+        self._connecting: dict[int, Connecting] = {}  # fd: a connect the engine waits for
+        # fds the engine connected, left in its epoll disabled (EPOLLONESHOT, fired): the
+        # relay that takes the socket re-enables it rather than adding it again. An fd that
+        # went another way (TLS) is simply closed: the entry is stale, found out when used.
+        self._disabled: set[int] = set()
         self._done: set[Relay] = set()  # attached, and over: waiting for their task to leave
         self._buffer = memoryview(bytearray(COPY_CHUNK))
         # The relays' quiet limits: (when, sequence, relay), earliest first. An entry that
         # no longer says when its relay is due (re-armed later, or the relay gone) is skipped.
-        self._timers: list[tuple[float, int, Relay]] = []
+        self._timers: list[tuple[float, int, Relay | Connecting]] = []
         self._timer_scope: trio.CancelScope | None = None
         self._sequence = itertools.count()
         self._stale = 0  # entries left for relays that left, or were re-armed earlier
@@ -222,23 +239,30 @@ class Engine:
             timers = self._timers
             while timers and timers[0][0] <= now:
                 due, _, relay = heapq.heappop(timers)
-                if due != relay.due or relay not in self._relays or relay in self._done:
+                if due != relay.due:
                     self._stale = max(0, self._stale - 1)
-                    continue  # re-armed since, or over
+                    continue  # re-armed since, or gone
                 relay.due = math.inf
+                if isinstance(relay, Connecting):
+                    self._connect_over(relay, outcome.Error(trio.TooSlowError()))
+                    continue
+                if relay not in self._relays or relay in self._done:
+                    continue
                 try:
                     reason = relay.idle.passed(now)
+                    if reason is None:
+                        self._arm(relay)
                 except Exception as exc:  # noqa: BLE001 - one relay's bug ends that relay
                     self._finish(relay, exc)
                     continue
                 if reason is not None:
                     self._finish(relay, ConnectionEnded(reason))
-                else:
-                    self._arm(relay)
 
     def _arm(self, relay: Relay) -> None:
         """Put the relay's next quiet limit on the timers (if earlier than the one it has)."""
-        due = relay.idle.deadline()
+        self._arm_at(relay, relay.idle.deadline())
+
+    def _arm_at(self, relay: Relay | Connecting, due: float) -> None:
         if due >= relay.due:
             return
         if relay.due != math.inf:
@@ -249,9 +273,59 @@ class Engine:
         if scope is not None and due < scope.deadline:
             scope.deadline = due
 
+    # -- connecting -------------------------------------------------------------------
+
+    async def connect(self, family: int, address: tuple[str, int], timeout: float) -> socket.socket:
+        """A connected non-blocking socket (TCP_NODELAY set) to an IP address, within
+        `timeout` (trio.TooSlowError past it); OSError with the connect's errno.
+
+        What `_rawsock.connect` does in a scope, done with the engine: the socket waits in
+        its epoll (one-shot, left there disabled for the relay to re-enable: one epoll_ctl
+        fewer than trio's registration and the relay's) and the timeout on its timers."""
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            error = sock.connect_ex(address)
+            if error == errno.EINPROGRESS:
+                await self._connected(sock.fileno(), timeout)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _connected(self, fd: int, timeout: float) -> None:
+        waiting = Connecting(fd, trio.lowlevel.current_task())
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if fd in self._disabled:
+            self._disabled.discard(fd)  # a closed socket's entry: that fd is new
+        self._epoll.register(fd, _OUT | select.EPOLLONESHOT)
+        self._disabled.add(fd)
+        self._connecting[fd] = waiting
+        self._arm_at(waiting, trio.current_time() + timeout)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._connect_forget(waiting)  # its socket is closed next: out of the epoll too
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _connect_over(self, waiting: Connecting, result: outcome.Outcome[None]) -> None:
+        self._connect_forget(waiting)
+        trio.lowlevel.reschedule(waiting.task, result)
+
+    def _connect_forget(self, waiting: Connecting) -> None:
+        if self._connecting.get(waiting.fd) is waiting:
+            del self._connecting[waiting.fd]
+        if waiting.due != math.inf:
+            waiting.due = math.inf
+            self._stale += 1
+
     async def _move(self) -> None:
         epoll_fd = self._epoll.fileno()
-        poll, sides, event = self._epoll.poll, self._sides, self._event
+        poll, sides, event, connecting = self._epoll.poll, self._sides, self._event, self._connecting
         wait_readable, checkpoint, now_ = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint, trio.current_time
         buffer = view = self._buffer
         try:
@@ -266,7 +340,10 @@ class Engine:
                     now = now_()
                     for fd, mask in events:
                         side = sides.get(fd)
-                        if side is None:  # its relay ended earlier in this batch
+                        if side is None:  # a connect done, or its relay ended earlier in this batch
+                            waiting = connecting.get(fd)
+                            if waiting is not None:
+                                self._connect_over(waiting, outcome.Value(None))
                             continue
                         try:
                             # The common case written out here, without a call: a small chunk to
@@ -307,6 +384,8 @@ class Engine:
             # that no connection waits for bytes that will never move.
             for relay in list(self._relays):
                 self._finish(relay, RuntimeError("the data engine stopped"))
+            for waiting in list(self._connecting.values()):
+                self._connect_over(waiting, outcome.Error(RuntimeError("the data engine stopped")))
 
     def _event(self, side: Side, mask: int, now: float, read: int = -1, sent: int = -1) -> None:
         """One ready socket. From the run loop's fast path: `read` bytes already in the buffer
@@ -505,11 +584,20 @@ class Engine:
     # -- registrations ----------------------------------------------------------------
 
     def _register(self, relay: Relay) -> None:
+        disabled = self._disabled
         for side in (relay.client, relay.target):
             want = self._wanted(side)
-            self._epoll.register(side.fd, want)
+            fd = side.fd
+            if fd in disabled:  # connected by the engine: in the epoll already
+                disabled.discard(fd)
+                try:
+                    self._epoll.modify(fd, want)
+                except FileNotFoundError:  # that socket was closed; this is another with its number
+                    self._epoll.register(fd, want)
+            else:
+                self._epoll.register(fd, want)
             side.interest, side.registered = want, True
-            self._sides[side.fd] = side
+            self._sides[fd] = side
 
     @staticmethod
     def _wanted(side: Side) -> int:

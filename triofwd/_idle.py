@@ -11,17 +11,25 @@ An idle connection wakes once per idle window, a busy one never.
     extended   idle for inactivity_timeout x keepalive_multiplier: one warning is logged, then
                a grace period of inactivity_timeout from the warning; traffic starts it over
     half-close the first EOF + half_close_timeout, whatever the traffic
+
+Bytes are activity when they are handed to the kernel; but a reader slower than the
+forwarder has megabytes of them queued in the kernel, going out as it reads, long after the
+last send. So when a quiet limit seems passed, the kernel is asked (TCP_INFO) when it last
+sent data on either socket, and that counts as activity too: a download read slowly is
+never cut, a reader that stopped (no data can go out to it) is.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from ._policy import Policy
+from ._rawsock import sent_ago
 from ._reasons import Reason
 from ._record import Connection
 
@@ -33,10 +41,11 @@ log = logging.getLogger("triofwd.connection")
 class IdleWatch:
     """The quiet limits of one connection's traffic, and the wait that keeps them."""
 
-    __slots__ = ("conn", "grace", "half_deadline", "half_window", "scope", "warn_after", "warned_at", "window")
+    __slots__ = ("conn", "grace", "half_deadline", "half_window", "scope", "sockets", "warn_after", "warned_at", "window")
 
-    def __init__(self, conn: Connection, policy: Policy) -> None:
+    def __init__(self, conn: Connection, policy: Policy, sockets: tuple[socket.socket, ...] = ()) -> None:
         self.conn = conn
+        self.sockets = sockets  # the connection's TCP sockets: data the kernel still sends is activity
         self.warn_after = policy.idle_warning_after  # extended keepalive: the warning; else inf
         self.grace = policy.inactivity_timeout  # after the warning
         self.window = policy.idle_window  # standard: inactivity_timeout; immortal: inf
@@ -88,6 +97,9 @@ class IdleWatch:
         if now >= self.half_deadline:
             return Reason.HALF_CLOSE_TIMEOUT
         last = self.conn.last_activity
+        for sock in self.sockets:
+            last = max(last, now - sent_ago(sock))  # bytes queued before, going out since
+        self.conn.last_activity = last
         if self.warn_after == math.inf:
             return Reason.INACTIVITY_TIMEOUT if now - last >= self.window else None
         if self.warned_at is not None and last > self.warned_at:

@@ -11,6 +11,8 @@ delivered. Plain TCP relays go through the data engine (`_engine`) instead.
 
 from __future__ import annotations
 
+import socket
+
 import trio
 
 from ._endings import failure_means
@@ -36,9 +38,9 @@ class Traffic:
 
     __slots__ = ("conn", "idle", "open_directions", "over")
 
-    def __init__(self, conn: Connection, policy: Policy) -> None:
+    def __init__(self, conn: Connection, policy: Policy, sockets: tuple[socket.socket, ...] = ()) -> None:
         self.conn = conn
-        self.idle = IdleWatch(conn, policy)
+        self.idle = IdleWatch(conn, policy, sockets)
         self.over = trio.Event()
         self.open_directions = 2
         conn.last_activity = trio.current_time()
@@ -112,10 +114,13 @@ def _broken_before(ended: ConnectionEnded) -> bool:
     return isinstance(error, trio.BrokenResourceError) and error.__cause__ is None
 
 
-async def relay(conn: Connection, client: trio.abc.Stream, target: trio.abc.Stream, policy: Policy, initial: bytes = b"") -> None:
-    """Bytes both ways until both directions are done, with `initial` sent to the target first."""
+async def relay(
+    conn: Connection, client: trio.abc.Stream, target: trio.abc.Stream, policy: Policy, sockets: tuple[socket.socket, ...] = (), initial: bytes = b""
+) -> None:
+    """Bytes both ways until both directions are done, with `initial` sent to the target
+    first; `sockets`: the TCP sockets under the streams (see IdleWatch)."""
     conn.path = "copy"
-    traffic = Traffic(conn, policy)
+    traffic = Traffic(conn, policy, sockets)
     async with trio.open_nursery() as nursery:
         if initial:
             with failure_means(Reason.TARGET_RESET):

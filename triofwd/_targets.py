@@ -21,7 +21,7 @@ import trio
 
 from ._addresses import format_address
 from ._balance import Balancer
-from ._connect import connect_failed, connect_failure, is_address, open_target
+from ._connect import connect_failed, connect_failure, literal_family, open_target
 from ._health import CheckPolicy, Circuit, TargetHealth
 from ._reasons import Reason
 
@@ -64,7 +64,8 @@ class Target:
 
     def __init__(self, address: tuple[str, int], route: CompiledRoute) -> None:
         self.address = address
-        self.literal = is_address(address[0])  # an IP address, not a name to resolve
+        # AF_INET or AF_INET6 for an IP address (connected to as it is), None for a name to resolve
+        self.literal = literal_family(address[0])
         self.health = TargetHealth(route.circuit)
         self.warm: collections.deque[tuple[float, socket.socket]] = collections.deque()
         self.taken = trio.Event()  # set (and replaced) whenever a warm socket leaves the pool
