@@ -21,7 +21,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "triofwd"
 
 LAYERS: dict[str, int] = {
     **dict.fromkeys(
-        ["_errors", "_reasons", "_endings", "_addresses", "_log", "_config", "_policy", "_proxy_protocol", "_clienthello", "_nft", "_health", "_metrics", "_rawsock", "testing"], 0
+        ["_errors", "_reasons", "_endings", "_addresses", "_log", "_config", "_policy", "_proxy_protocol", "_clienthello", "_socks5", "_httpconnect", "_destinations", "_credentials", "_nft", "_health", "_metrics", "_rawsock", "_systemd", "testing"], 0
     ),
     **dict.fromkeys(["_limits", "_balance", "_tls", "_table"], 1),
     **dict.fromkeys(
