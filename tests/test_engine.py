@@ -944,9 +944,9 @@ async def test_one_relays_error_ends_that_connection_alone(where: str, monkeypat
     elif where == "timers":  # the engine's timers ask a relay's quiet limits whether they passed
         passed = IdleWatch.passed
 
-        def failing_passed(self: IdleWatch, now: float) -> Any:
+        def failing_passed(self: IdleWatch, now: float, sockets: Any = ()) -> Any:
             bug(self.conn)
-            return passed(self, now)
+            return passed(self, now, sockets)
 
         monkeypatch.setattr(IdleWatch, "passed", failing_passed)
     else:  # ...and, when there was traffic since, when to look again (asked first as the relay starts, before it is doomed)

@@ -29,7 +29,7 @@ def policy(**kw: object) -> Policy:
 
 def connection() -> Connection:
     now = trio.current_time()
-    return Connection(id=7, client="127.0.0.1:1", client_ip="127.0.0.1", client_port=1, listener=("127.0.0.1", 0, "r"), started=0.0, opened=now, last_activity=now)
+    return Connection(id=7, client_ip="127.0.0.1", client_port=1, listener=("127.0.0.1", 0, "r"), started=0.0, opened=now, last_activity=now)
 
 
 async def run_relay(p: Policy, script, *, expect: Reason | None) -> tuple[Connection, float]:

@@ -54,7 +54,7 @@ class Balancer:
     def hold(self, index: int) -> Held:
         """Count one connection on target `index` for as long as the block runs."""
         self.active[index] += 1
-        return Held(self._release, index)
+        return Held(Balancer._release, self, index)
 
     def _release(self, index: int) -> None:
         self.active[index] -= 1

@@ -19,17 +19,18 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import trio
 
 from ._actions import ACTIONS
-from ._addresses import ListenKey, format_address
+from ._addresses import ListenKey
 from ._context import ConnectionContext
 from ._endings import deadline_at, leaves, reason_of
 from ._errors import ConnectionEnded
 from ._firstbytes import FirstBytes, SocketReceiver, read_client_hello, read_proxy_header
-from ._rawsock import closing
+from ._limits import Places
 from ._reasons import Reason
 from ._record import Connection
 from ._table import CompiledRoute, RouteTable
@@ -50,7 +51,6 @@ async def run_connection(ctx: ConnectionContext, sock: socket.socket, peer: tupl
     now = trio.current_time()
     conn = Connection(
         id=ctx.next_id(),
-        client=format_address(peer),
         client_ip=str(peer[0]),
         client_port=int(peer[1]),
         listener=listener,
@@ -58,21 +58,24 @@ async def run_connection(ctx: ConnectionContext, sock: socket.socket, peer: tupl
         opened=now,
         last_activity=now,
     )
+    del peer  # in the record now: an idle connection's frame holds nothing it does not need
     ctx.opened(conn)
     try:
-        with closing(sock):  # without an await: nothing on its way out is replaced
-            table = ctx.table  # the table at accept time; a reload does not move a live connection
-            # Where no first bytes pick the route, it is known now: before any limit is checked
-            # (refusals are logged on their route), and its max_lifetime is the scope's from the
-            # start (a deadline given to a new scope costs less than one moved later).
-            found = None if table.reads_first_bytes(listener) else table.match(listener, conn.client_ip)
-            if isinstance(found, CompiledRoute):
-                conn.route = found.name
-            conn.scope = trio.CancelScope(deadline=now + (found if isinstance(found, CompiledRoute) else table).policy.max_lifetime)
-            with conn.scope:  # kill(), the first cause, and max_lifetime (its deadline)
-                await _serve(ctx, table, conn, sock, found)
-            if conn.scope.cancelled_caught:
-                conn.settle(Reason.LIFETIME_EXCEEDED)  # kill() and end() record theirs before cancelling
+        table = ctx.table  # the table at accept time; a reload does not move a live connection
+        # Where no first bytes pick the route, it is known now: before any limit is checked
+        # (refusals are logged on their route), and its max_lifetime is the scope's from the
+        # start (a deadline given to a new scope costs less than one moved later).
+        found = None if table.reads_first_bytes(listener) else table.match(listener, conn.client_ip)
+        if isinstance(found, CompiledRoute):
+            conn.route = found.name
+        conn.scope = trio.CancelScope(deadline=now + (found if isinstance(found, CompiledRoute) else table).policy.max_lifetime)
+        with conn.scope, Places(ctx.gate) as places:  # the scope: kill(), the first cause, and max_lifetime (its deadline)
+            # What to do is decided by a coroutine that has returned when it is done (its
+            # frame is not held by the connection while its bytes are relayed).
+            action = await _route(ctx, table, conn, sock, found, places)
+            await action
+        if conn.scope.cancelled_caught:
+            conn.settle(Reason.LIFETIME_EXCEEDED)  # kill() and end() record theirs before cancelling
     except BaseException as exc:
         escaping = _settle_from(conn, exc)
         if escaping is exc:
@@ -80,6 +83,7 @@ async def run_connection(ctx: ConnectionContext, sock: socket.socket, peer: tupl
         if escaping is not None:
             raise escaping from None
     finally:
+        sock.close()  # without an await: nothing on its way out is replaced
         ctx.closed(conn)
 
 
@@ -105,33 +109,36 @@ def _settle_from(conn: Connection, exc: BaseException) -> BaseException | None:
         return None
 
 
-async def _serve(ctx: ConnectionContext, table: RouteTable, conn: Connection, client: socket.socket, found: CompiledRoute | Reason | None) -> None:
+async def _route(
+    ctx: ConnectionContext, table: RouteTable, conn: Connection, client: socket.socket, found: CompiledRoute | Reason | None, places: Places
+) -> Awaitable[None]:
+    """The connection's route, from its first bytes where they pick it, with its places
+    in the limits taken: the route's action, ready to be awaited."""
     listener = conn.listener
     reads = table.reads_first_bytes(listener)
     first = FirstBytes()
     first_bytes_due = conn.opened + table.first_bytes_timeout(listener)
-    with ctx.gate.capacity():
-        if table.accepts_proxy(listener):
-            # Who the client is comes first: from a trusted proxy, its header says so.
-            conn.state = "reading"
-            with deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
-                await read_proxy_header(SocketReceiver(client), first, required=table.is_trusted_proxy(conn.client_ip))
-            _take_proxy_header(conn, first)
-        with ctx.gate.client(conn.client_ip, trio.current_time()):
-            if table.reads_client_hello(listener):
-                conn.state = "reading"
-                with deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
-                    await read_client_hello(SocketReceiver(client), first)
-            if reads:
-                found = table.match(listener, conn.client_ip, first.hello.server_name if first.hello else None)
-            if not isinstance(found, CompiledRoute):
-                raise ConnectionEnded(found if found is not None else Reason.NO_ROUTE)
-            route = found
-            if reads:  # routed only now: the route's own lifetime from here on
-                conn.route = route.name
-                conn.scope.deadline = conn.opened + route.policy.max_lifetime
-            with ctx.route_gate(route).admitted(conn.client_ip, trio.current_time()):
-                await ACTIONS[route.kind](ctx, conn, client, route, first)
+    if table.accepts_proxy(listener):
+        # Who the client is comes first: from a trusted proxy, its header says so.
+        conn.state = "reading"
+        with deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
+            await read_proxy_header(SocketReceiver(client), first, required=table.is_trusted_proxy(conn.client_ip))
+        _take_proxy_header(conn, first)
+    places.client(conn.client_ip, trio.current_time())
+    if table.reads_client_hello(listener):
+        conn.state = "reading"
+        with deadline_at(first_bytes_due, Reason.INITIAL_DATA_TIMEOUT):
+            await read_client_hello(SocketReceiver(client), first)
+    if reads:
+        found = table.match(listener, conn.client_ip, first.hello.server_name if first.hello else None)
+    if not isinstance(found, CompiledRoute):
+        raise ConnectionEnded(found if found is not None else Reason.NO_ROUTE)
+    route = found
+    if reads:  # routed only now: the route's own lifetime from here on
+        conn.route = route.name
+        conn.scope.deadline = conn.opened + route.policy.max_lifetime
+    places.route(ctx.route_gate(route), trio.current_time())
+    return ACTIONS[route.kind](ctx, conn, client, route, first)
 
 
 def _take_proxy_header(conn: Connection, first: FirstBytes) -> None:
@@ -139,5 +146,4 @@ def _take_proxy_header(conn: Connection, first: FirstBytes) -> None:
     header = first.proxy
     if header is not None and header.command == "PROXY" and header.source and header.destination:
         conn.client_ip, conn.client_port = header.source
-        conn.client = format_address(header.source)
         conn.local = header.destination

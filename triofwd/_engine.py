@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import errno
 import heapq
-import itertools
 import logging
 import math
 import os
 import select
 import socket
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import outcome
@@ -67,6 +67,17 @@ BATCH = 256
 # rebuilt without them (when they are also the majority): memory bounded, work amortized.
 STALE_TIMERS = 1024
 
+# An idle relay's task is parked in trio's one trap for waiting: the object trio's own
+# wait_task_rescheduled yields to the task runner. Yielded by the relay itself (`Relay.run`),
+# it spares every idle connection that function's two frames (about 500 bytes of 6 KiB).
+# trio does not export it: where a trio release moves it, the public function is used (the
+# same behaviour, more memory), and tests/test_engine.py says so.
+_PARK: Callable[[Callable[[Any], trio.lowlevel.Abort]], object] | None
+try:
+    from trio._core._traps import WaitTaskRescheduled as _PARK
+except ImportError:  # pragma: no cover - a trio without it
+    _PARK = None
+
 _IN, _OUT, _ERR, _HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 # Per call, so a socket needs no fcntl to be non-blocking (splice needs O_NONBLOCK: set
 # when a direction turns bulk).
@@ -77,7 +88,7 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 class Side:
     """One socket of a relay, and the direction that reads from it (this side -> its peer)."""
 
-    __slots__ = ("bulk", "connected", "done", "eof", "fd", "inbound", "interest", "left", "parked", "peer", "pipe", "reading", "registered", "relay", "sock")
+    __slots__ = ("bulk", "done", "eof", "fd", "inbound", "interest", "left", "parked", "peer", "pipe", "reading", "registered", "relay", "sock")
 
     def __init__(self, sock: socket.socket, relay: Relay, inbound: bool) -> None:
         self.sock = sock
@@ -94,17 +105,29 @@ class Side:
         self.bulk = False  # the last chunk was big: splice the next
         self.interest = 0  # registered in the engine's epoll now
         self.registered = False
-        self.connected = True
 
     @property
     def holding(self) -> bool:
         return self.parked is not None or self.pipe is not None
 
 
-class Relay:
+class Timed:
+    """What the engine's timers hold: `due`, when it is to be looked at next (inf: never).
+
+    An entry is (due, it); entries due at the same moment are ordered by identity (no
+    sequence number per entry: a timer is held by every idle relay)."""
+
+    __slots__ = ("due",)
+    due: float
+
+    def __lt__(self, other: Timed) -> bool:
+        return id(self) < id(other)
+
+
+class Relay(Timed):
     """Two sockets relayed by the engine for one connection; `Engine.attached` makes one."""
 
-    __slots__ = ("client", "conn", "due", "ended", "engine", "idle", "nonblocking", "target", "task")
+    __slots__ = ("client", "conn", "engine", "idle", "nonblocking", "target", "task")
 
     def __init__(self, engine: Engine, conn: Connection, client: socket.socket, target: socket.socket, policy: Policy) -> None:
         self.engine = engine
@@ -112,9 +135,8 @@ class Relay:
         self.client = client_side = Side(client, self, inbound=True)
         self.target = target_side = Side(target, self, inbound=False)
         client_side.peer, target_side.peer = target_side, client_side
-        self.idle = IdleWatch(conn, policy, (client, target))
+        self.idle = IdleWatch(conn, policy)
         self.task: Any = None  # the connection's task, while it waits for the relay
-        self.ended: BaseException | None = None  # why it stopped early: ConnectionEnded, or a bug
         self.nonblocking = False
         self.due = math.inf  # when the engine's timers look at its quiet limits next
 
@@ -125,33 +147,45 @@ class Relay:
     def __exit__(self, *exc: object) -> None:
         self.engine._detach(self)
 
-    async def run(self, initial: bytes = b"") -> None:
-        """Relay until both directions are done, `initial` (bytes already read from the
-        client) sent to the target first. Raises ConnectionEnded with the failing side's
-        reset, or the quiet limits' reason (inactivity, half-close)."""
+    def run(self, initial: bytes = b"") -> Awaitable[None]:
+        """`await relay.run(initial)`: relay until both directions are done, `initial` (bytes
+        already read from the client) sent to the target first. Raises ConnectionEnded with
+        the failing side's reset, or the quiet limits' reason (inactivity, half-close).
+
+        What it hands back is the relay itself, parking the task the way trio's
+        wait_task_rescheduled does (see `_PARK`), not a coroutine of its own. The engine
+        wakes the task with the relay's outcome."""
         # The engine's path: bulk spliced in the kernel, small chunks copied (splice-auto).
         self.conn.path = "splice" if SPLICE else "copy"
         if initial:
             self._send_initial(initial)
-        if self.ended is None:
-            engine = self.engine
-            engine._register(self)
-            engine._arm(self)
-            # Until the engine ends the relay: both directions done, a failure, or a quiet
-            # limit its timers found passed (they keep them for every relay, lazily: no scope
-            # or deadline of the connection's own moves while bytes flow).
-            self.task = trio.lowlevel.current_task()
-            await trio.lowlevel.wait_task_rescheduled(self._abort)
-        if self.ended is not None:
-            raise self._take_ended()
+        engine = self.engine
+        engine._register(self)
+        engine._arm(self)
+        # Until the engine ends the relay: both directions done, a failure, or a quiet limit
+        # its timers found passed (they keep them for every relay, lazily: no scope or
+        # deadline of the connection's own moves while bytes flow).
+        self.task = trio.lowlevel.current_task()
+        if _PARK is None:
+            return trio.lowlevel.wait_task_rescheduled(self._abort)  # noqa: ASYNC105 - awaited by the caller
+        return self
 
-    def _take_ended(self) -> BaseException:
-        # Handed over and forgotten, and never held in a local of `run`: the exception's
-        # traceback holds run's frame, and a reference back would make a cycle that only the
-        # cyclic collector frees (memory that grows with every connection that ends so).
-        ended, self.ended = self.ended, None
-        assert ended is not None
-        return ended
+    # The awaitable `run` hands back: an iterator without a frame. Sent None, it yields the
+    # request to park the task; sent the outcome the task is rescheduled with, it is done.
+    def __await__(self) -> Generator[Any, Any, None]:
+        return self  # type: ignore[return-value]
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        if value is None:
+            assert _PARK is not None
+            return _PARK(self._abort)
+        raise StopIteration(value.unwrap())
+
+    def throw(self, exc: BaseException, *_: object) -> Any:
+        raise exc
 
     def _send_initial(self, data: bytes) -> None:
         try:
@@ -159,8 +193,7 @@ class Relay:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self.ended = ConnectionEnded(Reason.TARGET_RESET, str(exc))
-            return
+            raise ConnectionEnded(Reason.TARGET_RESET, str(exc)) from None
         self.conn.bytes_in += sent
         if sent < len(data):
             self.client.parked = memoryview(data)[sent:]
@@ -170,10 +203,10 @@ class Relay:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
-class Connecting:
+class Connecting(Timed):
     """A connection task waiting in the engine for its non-blocking connect to complete."""
 
-    __slots__ = ("due", "fd", "task")
+    __slots__ = ("fd", "task")
 
     def __init__(self, fd: int, task: Any) -> None:
         self.fd = fd
@@ -197,9 +230,8 @@ class Engine:
         self._buffer = memoryview(bytearray(COPY_CHUNK))
         # The relays' quiet limits: (when, sequence, relay), earliest first. An entry that
         # no longer says when its relay is due (re-armed later, or the relay gone) is skipped.
-        self._timers: list[tuple[float, int, Relay | Connecting]] = []
+        self._timers: list[tuple[float, Timed]] = []
         self._timer_scope: trio.CancelScope | None = None
-        self._sequence = itertools.count()
         self._stale = 0  # entries left for relays that left, or were re-armed earlier
         self.batches = 0  # wakeups with events (tests and the profile read them)
         self.events = 0
@@ -238,18 +270,19 @@ class Engine:
             now = trio.current_time()
             timers = self._timers
             while timers and timers[0][0] <= now:
-                due, _, relay = heapq.heappop(timers)
+                due, relay = heapq.heappop(timers)
                 if due != relay.due:
                     self._stale = max(0, self._stale - 1)
                     continue  # re-armed since, or gone
                 relay.due = math.inf
-                if isinstance(relay, Connecting):
+                if not isinstance(relay, Relay):
+                    assert isinstance(relay, Connecting)
                     self._connect_over(relay, outcome.Error(trio.TooSlowError()))
                     continue
                 if relay not in self._relays or relay in self._done:
                     continue
                 try:
-                    reason = relay.idle.passed(now)
+                    reason = relay.idle.passed(now, (relay.client.sock, relay.target.sock))
                     if reason is None:
                         self._arm(relay)
                 except Exception as exc:  # noqa: BLE001 - one relay's bug ends that relay
@@ -262,13 +295,13 @@ class Engine:
         """Put the relay's next quiet limit on the timers (if earlier than the one it has)."""
         self._arm_at(relay, relay.idle.deadline())
 
-    def _arm_at(self, relay: Relay | Connecting, due: float) -> None:
+    def _arm_at(self, relay: Timed, due: float) -> None:
         if due >= relay.due:
             return
         if relay.due != math.inf:
             self._stale += 1  # its later entry stays behind
         relay.due = due
-        heapq.heappush(self._timers, (due, next(self._sequence), relay))
+        heapq.heappush(self._timers, (due, relay))
         scope = self._timer_scope
         if scope is not None and due < scope.deadline:
             scope.deadline = due
@@ -641,12 +674,11 @@ class Engine:
         and wake its task."""
         if relay in self._done or relay not in self._relays:
             return
-        relay.ended = ended
         self._done.add(relay)
         self._unregister(relay)
         task, relay.task = relay.task, None
         if task is not None:
-            trio.lowlevel.reschedule(task)
+            trio.lowlevel.reschedule(task, outcome.Value(None) if ended is None else outcome.Error(ended))
 
     def _detach(self, relay: Relay) -> None:
         """The connection leaves the relay, on every path: nothing registered, nothing held."""
@@ -656,7 +688,7 @@ class Engine:
             # A left relay's entry would hold it until its time came (an hour, by default):
             # once most entries are such, the timers are rebuilt without them.
             if self._stale > STALE_TIMERS and 2 * self._stale > len(self._timers):
-                self._timers = [entry for entry in self._timers if entry[2].due == entry[0]]
+                self._timers = [entry for entry in self._timers if entry[1].due == entry[0]]
                 heapq.heapify(self._timers)
                 self._stale = 0
         self._unregister(relay)

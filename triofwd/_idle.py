@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
@@ -41,11 +41,10 @@ log = logging.getLogger("triofwd.connection")
 class IdleWatch:
     """The quiet limits of one connection's traffic, and the wait that keeps them."""
 
-    __slots__ = ("conn", "grace", "half_deadline", "half_window", "scope", "sockets", "warn_after", "warned_at", "window")
+    __slots__ = ("conn", "grace", "half_deadline", "half_window", "scope", "warn_after", "warned_at", "window")
 
-    def __init__(self, conn: Connection, policy: Policy, sockets: tuple[socket.socket, ...] = ()) -> None:
+    def __init__(self, conn: Connection, policy: Policy) -> None:
         self.conn = conn
-        self.sockets = sockets  # the connection's TCP sockets: data the kernel still sends is activity
         self.warn_after = policy.idle_warning_after  # extended keepalive: the warning; else inf
         self.grace = policy.inactivity_timeout  # after the warning
         self.window = policy.idle_window  # standard: inactivity_timeout; immortal: inf
@@ -66,21 +65,23 @@ class IdleWatch:
         """When a quiet limit could pass next, if no byte moves before."""
         return self._deadline()
 
-    def passed(self, now: float) -> Reason | None:
-        """A deadline came: the reason to end with, or None (there was traffic: wait on)."""
-        return self._passed(now)
+    def passed(self, now: float, sockets: Iterable[socket.socket] = ()) -> Reason | None:
+        """A deadline came: the reason to end with, or None (there was traffic: wait on).
+        `sockets`: the connection's TCP sockets (data the kernel sent since is activity)."""
+        return self._passed(now, sockets)
 
-    async def wait(self, until_over: Callable[[], Awaitable[object]]) -> Reason | None:
+    async def wait(self, until_over: Callable[[], Awaitable[object]], sockets: Iterable[socket.socket] = ()) -> Reason | None:
         """Wait for `until_over()` (the traffic ended: None) under the quiet limits; one that
         passes with no traffic since ends the wait with its reason (inactivity_timeout or
-        half_close_timeout), for the caller to end the connection with."""
+        half_close_timeout), for the caller to end the connection with. `sockets` as for
+        `passed`."""
         while True:
             with trio.CancelScope(deadline=self._deadline()) as scope:
                 self.scope = scope
                 await until_over()
                 return None
             self.scope = None
-            reason = self._passed(trio.current_time())
+            reason = self._passed(trio.current_time(), sockets)
             if reason is not None:
                 return reason
 
@@ -92,12 +93,12 @@ class IdleWatch:
             quiet = last + self.window
         return min(quiet, self.half_deadline)
 
-    def _passed(self, now: float) -> Reason | None:
+    def _passed(self, now: float, sockets: Iterable[socket.socket]) -> Reason | None:
         """A deadline passed: the reason to end with, or None to wait on (there was traffic)."""
         if now >= self.half_deadline:
             return Reason.HALF_CLOSE_TIMEOUT
         last = self.conn.last_activity
-        for sock in self.sockets:
+        for sock in sockets:
             last = max(last, now - sent_ago(sock))  # bytes queued before, going out since
         self.conn.last_activity = last
         if self.warn_after == math.inf:

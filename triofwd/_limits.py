@@ -9,11 +9,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from ._errors import ConnectionEnded
 from ._reasons import Reason
 
-__all__ = ["Gate", "Held", "Limits", "RateLimiter"]
+__all__ = ["Gate", "Held", "Limits", "Places", "RateLimiter"]
 
 # Rate buckets that are full again carry no information; they are swept once the map
 # holds this many, so a flood of distinct addresses cannot grow memory without bound.
@@ -83,20 +84,22 @@ class Gate:
         self.limits = limits
 
     def admitted(self, ip: str, now: float) -> Held:
-        """Hold a place for one connection from `ip` while the block runs: both holds below.
-
-        One Held for both (not the two nested, nor a closure): it lives as long as the connection.
-        """
-        self.capacity()
-        try:
-            self.client(ip, now)
-        except BaseException:
-            self._release_capacity()
-            raise
-        return Held(self._release_both, ip)
+        """Hold a place for one connection from `ip` while the block runs: both holds below."""
+        self.take_both(ip, now)
+        return Held(Gate.give_back_both, self, ip)
 
     def capacity(self) -> Held:
-        """Hold one of `max_connections` places, or raise ConnectionEnded(capacity).
+        """Hold one of `max_connections` places while the block runs (see `take_capacity`)."""
+        self.take_capacity()
+        return Held(Gate.give_back_capacity, self)
+
+    def client(self, ip: str, now: float) -> Held:
+        """Hold a place for one connection from `ip` while the block runs (see `take_client`)."""
+        self.take_client(ip, now)
+        return Held(Gate.give_back_client, self, ip)
+
+    def take_capacity(self) -> None:
+        """Take one of `max_connections` places, or raise ConnectionEnded(capacity).
 
         Taken at accept, before any byte is read, so that connections still sending their
         first bytes (a slow ClientHello, a PROXY header) count against the limit too.
@@ -104,10 +107,9 @@ class Gate:
         if self.limits.max_connections and self.active >= self.limits.max_connections:
             raise ConnectionEnded(Reason.CAPACITY)
         self.active += 1
-        return Held(self._release_capacity)
 
-    def client(self, ip: str, now: float) -> Held:
-        """Hold a place for one connection from `ip`: the per-IP count, then the rate.
+    def take_client(self, ip: str, now: float) -> None:
+        """Take a place for one connection from `ip`: the per-IP count, then the rate.
 
         Taken once the client's address is known (after a PROXY header, where one is
         expected). A connection refused by the count does not use up a rate token.
@@ -118,36 +120,86 @@ class Gate:
         if self.rate is not None and not self.rate.allow(ip, now):
             raise ConnectionEnded(Reason.RATE_LIMITED)
         self.per_ip[ip] += 1
-        return Held(self._release_client, ip)
 
-    def _release_capacity(self) -> None:
+    def take_both(self, ip: str, now: float) -> None:
+        self.take_capacity()
+        try:
+            self.take_client(ip, now)
+        except BaseException:
+            self.give_back_capacity()
+            raise
+
+    def give_back_capacity(self, _: object = None) -> None:
         self.active -= 1
 
-    def _release_both(self, ip: str) -> None:
-        self._release_client(ip)
-        self._release_capacity()
-
-    def _release_client(self, ip: str) -> None:
+    def give_back_client(self, ip: str) -> None:
         self.per_ip[ip] -= 1
         if not self.per_ip[ip]:
             del self.per_ip[ip]
 
+    def give_back_both(self, ip: str) -> None:
+        self.give_back_client(ip)
+        self.give_back_capacity()
 
-class Held:
-    """A place taken when it was made; leaving its `with` block gives it back.
 
-    A small object rather than a generator-based context manager: one lives for the whole
-    of every connection, and a generator frame costs several times its size.
+class Places:
+    """One connection's places in the limits, taken as what it is becomes known — one of
+    `max_connections` at accept (`Places(gate)`), its client's once its address is known
+    (`client`), its route's once it is routed (`route`) — and all given back when the
+    `with` block ends, whatever was taken by then.
+
+    One object for the three rather than a `with` each: one lives for the whole of every
+    connection, and each `with` holds an exit of its own on the frame.
     """
 
-    __slots__ = ("_args", "_release")
+    __slots__ = ("_gate", "_ip", "_route")
 
-    def __init__(self, release: Callable[..., object], *args: object) -> None:
+    def __init__(self, gate: Gate) -> None:
+        gate.take_capacity()
+        self._gate = gate
+        self._ip: str | None = None
+        self._route: Gate | None = None
+
+    def client(self, ip: str, now: float) -> None:
+        self._gate.take_client(ip, now)
+        self._ip = ip
+
+    def route(self, gate: Gate, now: float) -> None:
+        """The route's own limits, for the client already taken."""
+        assert self._ip is not None, "the client's place comes first"
+        gate.take_both(self._ip, now)
+        self._route = gate
+
+    def __enter__(self) -> Places:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ip, route = self._ip, self._route
+        if ip is not None:
+            if route is not None:
+                route.give_back_both(ip)
+            self._gate.give_back_client(ip)
+        self._gate.give_back_capacity()
+
+
+class Held:
+    """A place taken when it was made; leaving its `with` block gives it back:
+    `release(owner, key)`, a plain function (the class's, not a bound method).
+
+    A small object rather than a generator-based context manager or a closure: several live
+    for the whole of every connection, and a generator frame costs several times its size,
+    a bound method and its argument tuple twice it.
+    """
+
+    __slots__ = ("_key", "_owner", "_release")
+
+    def __init__(self, release: Callable[[Any, Any], object], owner: object, key: object = None) -> None:
         self._release = release
-        self._args = args
+        self._owner = owner
+        self._key = key
 
     def __enter__(self) -> Held:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._release(*self._args)
+        self._release(self._owner, self._key)

@@ -36,11 +36,12 @@ _RESET = {IN: (Reason.CLIENT_RESET, Reason.TARGET_RESET), OUT: (Reason.TARGET_RE
 class Traffic:
     """What the pumps (or a handler's stream) tell the connection: bytes, EOFs, the end."""
 
-    __slots__ = ("conn", "idle", "open_directions", "over")
+    __slots__ = ("conn", "idle", "open_directions", "over", "sockets")
 
     def __init__(self, conn: Connection, policy: Policy, sockets: tuple[socket.socket, ...] = ()) -> None:
         self.conn = conn
-        self.idle = IdleWatch(conn, policy, sockets)
+        self.idle = IdleWatch(conn, policy)
+        self.sockets = sockets  # the TCP sockets under the streams (see IdleWatch.passed)
         self.over = trio.Event()
         self.open_directions = 2
         conn.last_activity = trio.current_time()
@@ -72,7 +73,7 @@ class Traffic:
 
     async def watch(self) -> Reason | None:
         """Until the traffic is over (None), or a quiet limit passes (its reason)."""
-        return await self.idle.wait(self.over.wait)
+        return await self.idle.wait(self.over.wait, self.sockets)
 
 
 async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, traffic: Traffic, direction: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from ._addresses import ListenKey
+from ._addresses import ListenKey, format_address
 from ._reasons import Reason
 
 __all__ = ["Connection"]
@@ -22,7 +22,6 @@ class Connection:
     """One live connection, as the table, the inspector and the access log see it."""
 
     id: int
-    client: str  # "ip:port"
     client_ip: str
     client_port: int
     listener: ListenKey
@@ -39,6 +38,12 @@ class Connection:
     path: str = ""  # how bytes move: "splice" (in the kernel) or "copy" (through Python)
     reason: Reason | None = None
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope, repr=False)
+
+    @property
+    def client(self) -> str:
+        """The client's address, "ip:port" ("[ip]:port" for IPv6): made when asked for, not
+        held by every connection."""
+        return format_address((self.client_ip, self.client_port))
 
     def settle(self, reason: Reason) -> Reason:
         """Record why the connection ended, unless a cause came first; return the recorded one."""

@@ -223,10 +223,10 @@ def paths(target: str, tls_target: str, certs: pathlib.Path, ca: trustme.CA) -> 
             "forward: PROXY header in and out, limits",
             r("fwd", targets=[target], accept_proxy_protocol=True, proxy_protocol="v2", max_connections_per_ip=10, connection_rate_per_ip="1000/s"),
             plain_client(header),
-            ("_rawsock:receive_some", "_engine:_connected", "_engine:run"),
+            ("_rawsock:receive_some", "_engine:_connected", "_engine:send"),
             {"trusted_proxies": ["127.0.0.0/8"]},
         ),
-        Path("forward on SNI", r("sni", targets=[target], domains=["front.example"]), plain_client(build_client_hello("front.example")), ("_rawsock:receive_some", "_engine:_connected", "_engine:run")),
+        Path("forward on SNI", r("sni", targets=[target], domains=["front.example"]), plain_client(build_client_hello("front.example")), ("_rawsock:receive_some", "_engine:_connected", "_engine:send")),
         Path("bridge terminate", r("term", action="bridge", targets=[target], tls=tls), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_engine:_connected", "_pump:pump", "_idle:wait", "_pump:aclose")),
         Path("bridge reencrypt", r("reenc", action="bridge", targets=[tls_target], tls=reencrypt), tls_client(client_ctx, "front.example"), ("_tls:handshake", "_engine:_connected", "_pump:pump", "_idle:wait")),
         Path("handler", r("hdl", action="handler", handler=echo_handler), plain_client(), ("_pump:receive_some", "_pump:send_all", "_pump:send_eof", "_idle:wait")),
@@ -234,7 +234,7 @@ def paths(target: str, tls_target: str, certs: pathlib.Path, ca: trustme.CA) -> 
             "forward, keepalive extended",
             r("ext", targets=[target], keepalive="extended", keepalive_multiplier=1, inactivity_timeout="50ms"),
             idle_client(0.3),
-            ("_engine:_connected", "_engine:run"),
+            ("_engine:_connected", "_engine:send"),
             expect="inactivity_timeout",
         ),
     ]
@@ -377,8 +377,9 @@ async def test_a_cancellation_or_interrupt_at_every_await_stops_the_forwarder_cl
 @pytest.mark.parametrize(
     ("where", "expect"),
     [
-        ("triofwd._limits.Gate.capacity", "internal_error"),
-        ("triofwd._limits.Gate.admitted", "internal_error"),
+        ("triofwd._limits.Gate.take_capacity", "internal_error"),
+        ("triofwd._limits.Gate.take_client", "internal_error"),
+        ("triofwd._limits.Gate.take_both", "internal_error"),
         ("triofwd._table.RouteTable.match", "internal_error"),
         ("triofwd._accesslog.AccessLog.write", "normal"),
         ("triofwd._stats.Stats.record", "normal"),
