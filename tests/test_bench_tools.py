@@ -48,6 +48,7 @@ async def read_ready_port(process: trio.Process) -> int:
     "script",
     [
         "plain_trio.py",
+        "engine_prototype.py",
         pytest.param(
             "asyncio_uvloop.py",
             marks=pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed"),
