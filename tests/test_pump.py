@@ -143,3 +143,23 @@ async def test_both_eofs_end_the_relay_normally(autojump_clock: trio.abc.Clock) 
 
     conn, at = await run_relay(policy(), both, expect=None)
     assert (conn.bytes_in, conn.bytes_out, at) == (1, 6, 0)
+
+
+@pytest.mark.parametrize("keepalive", ["standard", "extended"])
+def test_a_quiet_limit_that_came_has_passed_whatever_the_float_rounding(keepalive: str) -> None:
+    """0.7 + 0.1 <= now while now - 0.7 < 0.1: the deadline the watch gives has come, so it
+    must say the limit passed (else the engine's timers re-arm it at the same moment, for
+    ever: a hang the feature matrix found)."""
+    from triofwd._idle import IdleWatch
+
+    conn = Connection(id=7, client_ip="127.0.0.1", client_port=1, listener=("127.0.0.1", 0, "r"), started=0.0, opened=0.0, last_activity=0.7)
+    p = policy(inactivity_timeout=0.1, keepalive=keepalive, keepalive_multiplier=1)
+    watch = IdleWatch(conn, p)
+    now = watch.deadline()
+    assert now - 0.7 < 0.1  # the rounding this is about
+    if keepalive == "extended":
+        assert watch.passed(now) is None  # the warning, then the grace period
+        now = watch.deadline()
+        assert watch.passed(now) is Reason.INACTIVITY_TIMEOUT
+    else:
+        assert watch.passed(now) is Reason.INACTIVITY_TIMEOUT

@@ -101,12 +101,15 @@ class IdleWatch:
         for sock in sockets:
             last = max(last, now - sent_ago(sock))  # bytes queued before, going out since
         self.conn.last_activity = last
+        # Each limit compared as `_deadline` computes it (last + window, not now - last): in
+        # floating point the two can disagree, and a deadline that came but is not "passed"
+        # would be re-armed at the same moment, for ever.
         if self.warn_after == math.inf:
-            return Reason.INACTIVITY_TIMEOUT if now - last >= self.window else None
+            return Reason.INACTIVITY_TIMEOUT if now >= last + self.window else None
         if self.warned_at is not None and last > self.warned_at:
             self.warned_at = None  # traffic since the warning: the watch starts over
         if self.warned_at is None:
-            if now - last >= self.warn_after:
+            if now >= last + self.warn_after:
                 self.warned_at = now
                 log.warning(
                     "connection %d idle for %.0fs (keepalive extended): closing after a grace period of %.0fs unless traffic resumes",
