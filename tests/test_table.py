@@ -394,3 +394,103 @@ def test_first_bytes_timeout_is_the_most_patient_route_on_the_listener() -> None
     table = compile_table(Config(settings=settings, routes=[*sni, fallback]))
     assert table.first_bytes_timeout(("0.0.0.0", 443, "")) == 30.0
     assert table.first_bytes_timeout(("0.0.0.0", 8443, "")) == 30.0  # not a listener of this table
+
+
+# -- socks5 and http_connect: destinations and users ------------------------------------
+
+
+def _dynamic_errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        compile_table(parse_config(textwrap.dedent(text), ".toml"))
+    return info.value.errors
+
+
+def test_a_socks5_route_compiles_its_destinations_and_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROXY_PASSWORD", "from-the-environment")
+    t = compile_table(
+        parse_config(
+            textwrap.dedent("""
+                [[routes]]
+                name = "proxy"
+                ports = [1080]
+                bind = "127.0.0.1"
+                action = "socks5"
+                destinations = ["*.example.com:443", "10.0.0.0/8:22,80", "[2001:db8::/32]:*"]
+                users = [{ name = "alice", password = "env:PROXY_PASSWORD" }, { name = "bob", password = "plain" }]
+
+                [[routes]]
+                name = "web"
+                ports = [3128]
+                action = "http_connect"
+                destinations = ["*:443"]
+            """),
+            ".toml",
+        )
+    )
+    proxy, web = t.routes
+    assert (proxy.kind, web.kind) == ("socks5", "http_connect")
+    assert proxy.destinations is not None and proxy.users is not None
+    assert proxy.destinations.allows_name("www.example.com", 443) and not proxy.destinations.allows_name("example.com", 443)
+    assert proxy.destinations.allows_address("10.1.2.3", 22, via_name=None) and not proxy.destinations.allows_address("10.1.2.3", 443, via_name=None)
+    assert proxy.users.verify("alice", "from-the-environment") and not proxy.users.verify("alice", "plain")
+    assert web.users is not None and not web.users  # no users: no authentication
+    # The forwarder's own listening addresses are never a destination, even under "*".
+    assert web.destinations is not None and not web.destinations.allows_address("127.0.0.1", 1080, via_name=None)
+    assert not web.destinations.allows_address("127.0.0.1", 443, via_name=None)  # loopback: not listed
+    assert web.destinations.allows_address("192.0.2.1", 443, via_name=None)
+    # Nothing to dial until a client asks: no targets, and the listener reads no first bytes.
+    assert proxy.targets == () and not proxy.dials and not t.reads_first_bytes(("127.0.0.1", 1080, ""))
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (
+            'action = "socks5"',
+            'action = "socks5" needs at least one destination (e.g. "*.example.com:443"): an empty list allows nothing - at `$.routes[0].destinations`',
+        ),
+        ('action = "socks5"\ndestinations = ["example.com"]', "- at `$.routes[0].destinations[0]`"),
+        ('action = "http_connect"\ndestinations = ["*:443", "10.0.0.0/33:22"]', "- at `$.routes[0].destinations[1]`"),
+        (
+            'action = "socks5"\ndestinations = ["*:443"]\ntargets = ["127.0.0.1:22"]',
+            'targets are not used with action = "socks5" connects where the client asks: list what it may reach in destinations - at `$.routes[0].targets`',
+        ),
+        ('action = "socks5"\ndestinations = ["*:443"]\ndomains = ["example.com"]', "- at `$.routes[0].domains`"),
+        ('action = "socks5"\ndestinations = ["*:443"]\nbalance = "random"', "- at `$.routes[0].balance`"),
+        ('action = "http_connect"\ndestinations = ["*:443"]\nwarm = 2', "- at `$.routes[0].warm`"),
+        ('action = "http_connect"\ndestinations = ["*:443"]\n[routes.tls]\nmode = "passthrough"', "- at `$.routes[0].tls`"),
+        ('action = "socks5"\ndestinations = ["*:443"]\nusers = [{ name = "a", password = "" }]', "user 'a': empty password - at `$.routes[0].users[0]`"),
+        ('action = "socks5"\ndestinations = ["*:443"]\nusers = [{ name = "a", password = "env:TRIOFWD_TEST_UNSET_VARIABLE" }]', "- at `$.routes[0].users[0]`"),
+        ('action = "socks5"\ndestinations = ["*:443"]\nusers = [{ name = "a", password = "scrypt$xx$yy" }]', "- at `$.routes[0].users[0]`"),
+        (
+            'action = "socks5"\ndestinations = ["*:443"]\nusers = [{ name = "a", password = "x" }, { name = "a", password = "y" }]',
+            "user 'a' is listed twice (first at $.routes[0].users[0]) - at `$.routes[0].users[1].name`",
+        ),
+        ('action = "socks5"\ndestinations = ["*:443"]\nusers = [{ name = "a" }]', "Object missing required field `password` - at `$.routes[0].users[0]`"),
+    ],
+)
+def test_dynamic_route_keys_are_checked_at_their_path(keys: str, expected: str) -> None:
+    text = f'[[routes]]\nname = "p"\nports = [1080]\n{keys}\n'
+    errors = _dynamic_errors(text)
+    assert any(line.endswith(expected) for line in errors), errors
+
+
+@pytest.mark.parametrize("action", ["forward", "reject"])
+@pytest.mark.parametrize("key", ['destinations = ["*:443"]', 'users = [{ name = "a", password = "b" }]'])
+def test_destinations_and_users_are_refused_on_other_actions(action: str, key: str) -> None:
+    name = key.split()[0]
+    errors = _dynamic_errors(f'[[routes]]\nname = "p"\nports = [1080]\ntargets = ["127.0.0.1:22"]\naction = "{action}"\n{key}\n')
+    assert f'{name} is only used with action = "socks5" or "http_connect" - at `$.routes[0].{name}`' in errors, errors
+
+
+def test_the_name_of_connections_no_route_took_is_reserved() -> None:
+    """Stats, metrics and the status page count connections that ended before a route was
+    chosen under "-": a route of that name would be counted twice."""
+    from triofwd._stats import UNROUTED
+    from triofwd._table import UNROUTED_NAME
+
+    assert UNROUTED == UNROUTED_NAME
+    config = Config(routes=[Route(name="-", ports=[1], action="reject")])
+    with pytest.raises(ConfigError) as caught:
+        compile_table(config)
+    assert caught.value.errors == ["route name '-' is reserved: it stands for connections no route took (in stats, metrics and the status page) - at `$.routes[0].name`"]

@@ -8,8 +8,8 @@ well-behaved echo exchange or a fault (client reset, half-open client, slowloris
 garbage ClientHello, connections that vanish, a target that resets / refuses / never
 answers, an unresolvable target, a handler that raises, a kill over the control socket),
 or a case of the feature matrix (tests/reliability/matrix.py: every action — forward,
-bridge terminate / reencrypt / bridge_to, handler, offload falling back to forward,
-reject — with every keepalive mode, half-close timeout, PROXY protocol in and out, under
+bridge terminate / reencrypt / bridge_to, socks5, http_connect, handler, offload falling
+back to forward, reject — with every keepalive mode, half-close timeout, PROXY protocol in and out, under
 each fault that applies), with SIGHUP reloads every two seconds. Then the checks of tests/reliability/harness.py:
 empty table, fds back to the baseline, RSS within the bound, one access-log line per
 connection with its expected reason, stats totals equal to the connections made. One
@@ -176,7 +176,8 @@ class Matrix:
     async def __call__(self, s: Scenario, rng: random.Random) -> None:
         case = rng.choice(self.cases)
         self.count += 1
-        peer = Peer(case, self.addresses[case.name], self.client_tls, self.count % 60000)
+        host, _, port = self.env.target.rpartition(":")
+        peer = Peer(case, self.addresses[case.name], self.client_tls, self.count % 60000, (host, int(port)))
         try:
             await play(peer, self)
         except UNTIMELY:

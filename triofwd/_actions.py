@@ -1,5 +1,5 @@
 """What a route does with a connection, by the kind its table fixed: forward, bridge_to,
-terminate, reencrypt, handler, reject, offload.
+terminate, reencrypt, socks5, http_connect, handler, reject, offload.
 
 Each action runs inside the connection's scopes (lifetime, limits) and raises
 ConnectionEnded for any end other than a normal one. Every kind that dials goes through
@@ -17,6 +17,7 @@ import trio
 from . import _rawsock as rawsock
 from ._context import ConnectionContext
 from ._dial import dial
+from ._dynamic import read_http_connect, read_socks5, resolve
 from ._endings import deadline_means, failure_means
 from ._errors import ConnectionEnded
 from ._firstbytes import FirstBytes
@@ -25,6 +26,7 @@ from ._pump import ReplayStream, Traffic, TrafficStream, relay
 from ._reasons import Reason
 from ._record import Connection
 from ._table import CompiledRoute
+from ._targets import RouteTargets
 from ._tls import handshake
 
 __all__ = ["ACTIONS", "HandlerInfo"]
@@ -32,6 +34,8 @@ __all__ = ["ACTIONS", "HandlerInfo"]
 Action = Callable[[ConnectionContext, Connection, socket.socket, CompiledRoute, FirstBytes], Awaitable[None]]
 # The TLS this end speaks, made of the dialed target: (the client side, the target side).
 Secure = Callable[[socket.socket], Awaitable[tuple[trio.abc.Stream, trio.abc.Stream]]]
+# What the client is told once its target is connected (socks5, http_connect).
+Answer = Callable[[socket.socket], Awaitable[None]]
 # How long a terminated TLS connection may take to say close_notify at a normal end.
 CLOSE_NOTIFY_TIMEOUT = 1.0
 
@@ -90,13 +94,21 @@ async def _dial_and_relay(
     header: str | None = None,
     failure: Reason | None = None,
     tls: Secure | None = None,
+    targets: RouteTargets | None = None,
+    answer: Answer | None = None,
 ) -> None:
-    """The one sequence of every route that dials: dial, the PROXY header (`header`, else the
-    route's), `tls` (the TLS this end speaks: to the client, the target or both), established,
-    relay (with `initial`, the bytes already read, sent first). Plain sockets both ways are
-    the data engine's; a TLS stream on either side is copied by the relay's pump tasks."""
-    with await dial(conn, route, ctx.targets.for_route(route), ctx.engine, failure=failure) as target:
+    """The one sequence of every route that dials: dial (the route's targets, or `targets`),
+    the PROXY header (`header`, else the route's), `answer` (what the client is told of the
+    connected target), `tls` (the TLS this end speaks: to the client, the target or both),
+    established, relay (with `initial`, the bytes already read, sent first). Plain sockets
+    both ways are the data engine's; a TLS stream on either side is copied by the relay's
+    pump tasks."""
+    if targets is None:
+        targets = ctx.targets.for_route(route)
+    with await dial(conn, route, targets, ctx.engine, failure=failure) as target:
         await _send_proxy_header(route.proxy_protocol if header is None else header, conn, client, target)
+        if answer is not None:
+            await answer(target)
         if tls is None:
             _established(ctx, conn, route, client, target)
             with ctx.engine.attached(conn, client, target, route.policy) as relayed:
@@ -170,6 +182,18 @@ async def reencrypt(ctx: ConnectionContext, conn: Connection, client: socket.soc
     await _dial_and_relay(ctx, conn, route, client, tls=both_ways)
 
 
+async def dynamic(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
+    """socks5 and http_connect: the client's handshake names the destination (within
+    initial_data_timeout); it is checked against the route's destinations, resolved,
+    dialled and answered, then relayed as forward relays. A failure before the answer is
+    told to the client in its protocol's words."""
+    read = read_socks5 if route.kind == "socks5" else read_http_connect
+    request = await read(conn, client, route, first)
+    with request.answering():
+        targets = await resolve(conn, client, route, request)
+        await _dial_and_relay(ctx, conn, route, client, request.leftover, targets=targets, answer=request.accept)
+
+
 async def offloaded(ctx: ConnectionContext, conn: Connection, client: socket.socket, route: CompiledRoute, first: FirstBytes) -> None:
     """The kernel should have taken this connection; one that reaches us is closed and counted."""
     raise ConnectionEnded(Reason.OFFLOADED)
@@ -216,6 +240,8 @@ ACTIONS: dict[str, Action] = {
     "bridge_to": bridge_to,
     "terminate": terminate,
     "reencrypt": reencrypt,
+    "socks5": dynamic,
+    "http_connect": dynamic,
     "handler": handle,
     "reject": reject,
     "offload": offloaded,

@@ -64,7 +64,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from ._addresses import IPAddress, IPNetwork
@@ -403,6 +403,11 @@ class Destinations:
         if self._name_entries(via_name, port):
             return None
         return f"{via_name}:{port} is not in the allowed destinations"
+
+    def with_own(self, addresses: Iterable[tuple[str, int]]) -> Destinations:
+        """The same list with more of the forwarder's own addresses: a listener on port 0
+        has its port only once it is bound."""
+        return replace(self, own=self.own | {(_judged(_ip(ip)), port) for ip, port in addresses})
 
     def _name_entries(self, name: str, port: int) -> list[Destination]:
         try:

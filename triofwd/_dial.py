@@ -83,6 +83,10 @@ async def dial(conn: Connection, route: CompiledRoute, targets: RouteTargets, en
     conn.state = "connecting"
     reason = Reason.TARGET_UNREACHABLE
     detail = "no target is up"
+    # The last attempt's errno, as the cause: it says more than the reason (a SOCKS reply
+    # tells an unreachable network from an unreachable host). A fresh exception, never
+    # raised, so it holds no traceback, nor this frame.
+    error: OSError | None = None
     for index in targets.order(1 + route.connect_retries, trio.current_time()):
         target = targets.targets[index]
         began = trio.current_time()
@@ -102,6 +106,7 @@ async def dial(conn: Connection, route: CompiledRoute, targets: RouteTargets, en
                 peer = _reached(sock)
         except (trio.TooSlowError, OSError) as exc:
             reason = connect_failure(exc)
+            error = OSError(exc.errno, exc.strerror) if isinstance(exc, OSError) and exc.errno else None
         except BaseException:
             target.health.abandoned(attempt)  # cancelled: no verdict on the target
             raise
@@ -113,7 +118,7 @@ async def dial(conn: Connection, route: CompiledRoute, targets: RouteTargets, en
         detail = f"{target.name} failed ({reason})"
         connect_failed(target.health, reason, attempt)
         log.info("connection %d: %s", conn.id, detail)
-    raise ConnectionEnded(failure or reason, detail)
+    raise ConnectionEnded(failure or reason, detail) from error
 
 
 def _report_end(health: TargetHealth, exc: BaseException) -> None:

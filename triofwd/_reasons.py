@@ -38,3 +38,5 @@ class Reason(enum.StrEnum):
     KILLED = "killed"
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal_error"
+    AUTH_FAILED = "auth_failed"
+    DESTINATION_DENIED = "destination_denied"

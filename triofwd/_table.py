@@ -26,6 +26,8 @@ from typing import Any
 
 from ._addresses import IPNetwork, ListenKey, client_address, in_any
 from ._config import ROUTE_OVERRIDES, TLS, Config, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target, read_config
+from ._credentials import Users, compile_users
+from ._destinations import Destinations, compile_destinations
 from ._errors import ConfigError
 from ._health import CheckPolicy, CircuitPolicy
 from ._limits import Limits
@@ -34,6 +36,10 @@ from ._policy import DURATION_KEYS, Policy
 from ._reasons import Reason
 from ._tls import RouteTLS
 
+# What stats, metrics and the status page call connections that no route took: no route
+# may have that name (the stats module's UNROUTED; tests check the two agree).
+UNROUTED_NAME = "-"
+
 __all__ = ["CompiledRoute", "RouteTable", "as_table", "compile_table", "load_config", "load_table"]
 
 
@@ -41,7 +47,9 @@ __all__ = ["CompiledRoute", "RouteTable", "as_table", "compile_table", "load_con
 # "bridge" is one of three things, by where the TLS ends.
 BRIDGES = ("terminate", "reencrypt", "bridge_to")
 DIALING = ("forward", *BRIDGES)
-KINDS = (*DIALING, "handler", "reject", "offload")
+# The client names its destination (SOCKS5, HTTP CONNECT): checked against `destinations`.
+DYNAMIC = ("socks5", "http_connect")
+KINDS = (*DIALING, *DYNAMIC, "handler", "reject", "offload")
 
 # Route names appear in logs, metric labels and (offload) nftables rules: keep them plain.
 DOMAIN_PATTERN_RE = re.compile(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
@@ -59,7 +67,7 @@ class CompiledRoute:
     domains: tuple[str, ...]
     client_ips: tuple[IPNetwork, ...]
     block_ips: tuple[IPNetwork, ...]
-    action: str  # as written: forward | bridge | offload | reject | handler
+    action: str  # as written: forward | bridge | offload | reject | handler | socks5 | http_connect
     kind: str  # what runs, decided here: one of KINDS
     targets: tuple[tuple[str, int], ...]
     balance: str
@@ -75,6 +83,8 @@ class CompiledRoute:
     circuit: CircuitPolicy | None  # passive health: the targets' circuit breaker
     warm: int  # connected sockets kept ready per target
     spec: Route  # as written, for the inspector and for reload diffs
+    destinations: Destinations | None = None  # socks5 / http_connect: the allow-list
+    users: Users | None = None  # socks5 / http_connect: who may use it (empty: anyone)
 
     @property
     def dials(self) -> bool:
@@ -369,6 +379,55 @@ def _check_offload_keys(errors: _Errors, path: str, route: Route) -> None:
                 errors.add(f"{path}.{key}", f'{key} is only used with action = "offload"')
 
 
+def _compile_dynamic(errors: _Errors, path: str, route: Route, own: list[tuple[str, int]]) -> tuple[Destinations | None, Users | None]:
+    """destinations and users: the allow-list and the users of a socks5 or http_connect
+    route, refused on every other action; and what such a route cannot use (targets,
+    domains, tls, balance: the client names the one destination)."""
+    if route.action not in DYNAMIC:
+        for key in ("destinations", "users"):
+            if getattr(route, key):
+                errors.add(f"{path}.{key}", f'{key} is only used with action = "socks5" or "http_connect"')
+        return None, None
+    why = f'action = "{route.action}" connects where the client asks'
+    if route.targets:
+        errors.add(f"{path}.targets", f"targets are not used with {why}: list what it may reach in destinations")
+    if route.balance != "round-robin":
+        errors.add(f"{path}.balance", f"balance is not used with {why}: it tries the destination's addresses in the resolver's order")
+    if route.domains:
+        errors.add(f"{path}.domains", f"domains are not used with {why}: its clients speak {'SOCKS5' if route.action == 'socks5' else 'HTTP'} first, not TLS")
+    if route.tls is not None and route.tls.mode == "passthrough":
+        errors.add(f"{path}.tls", f"tls is not used with {why}: the tunnel's bytes are passed on as they are")
+    if not route.destinations:
+        errors.add(f"{path}.destinations", f'action = "{route.action}" needs at least one destination (e.g. "*.example.com:443"): an empty list allows nothing')
+    before = len(errors.lines)
+    for j, entry in enumerate(route.destinations):
+        errors.parse(f"{path}.destinations[{j}]", lambda text: compile_destinations([text]), entry)
+    names: dict[str, int] = {}
+    for j, user in enumerate(route.users):
+        if user.name in names:
+            errors.add(f"{path}.users[{j}].name", f"user {user.name!r} is listed twice (first at {path}.users[{names[user.name]}])")
+            continue
+        names[user.name] = j
+        errors.parse(f"{path}.users[{j}]", lambda u: compile_users([(u.name, u.password)]), user)
+    if len(errors.lines) > before:
+        return None, None
+    destinations = compile_destinations(route.destinations, own_addresses=own)
+    return destinations, compile_users((user.name, user.password) for user in route.users)
+
+
+def _own_addresses(config: Config) -> list[tuple[str, int]]:
+    """Every (address, port) the table listens on, as far as the file fixes them (a port 0
+    is known only once bound): no dynamic route may send a client back to one of them."""
+    own: list[tuple[str, int]] = []
+    for route in config.routes:
+        for spec in route.ports:
+            try:
+                own.extend((str(ipaddress.ip_address(route.bind)), port) for port in parse_ports(spec) if port)
+            except (ValueError, TypeError):
+                continue  # reported where the route itself is compiled
+    return own
+
+
 def compile_table(config: Config) -> RouteTable:
     """Check a Config and build its route table; raise ConfigError listing every problem."""
     errors = _Errors()
@@ -380,6 +439,7 @@ def compile_table(config: Config) -> RouteTable:
     grace = errors.parse("$.settings.shutdown_grace", parse_duration, settings.shutdown_grace, 0.0)
     grace = 0.0 if grace == math.inf else grace  # "0": no grace period, close at once
     trusted = tuple(errors.parse(f"$.settings.trusted_proxies[{i}]", parse_cidr, c) for i, c in enumerate(settings.trusted_proxies))
+    listening = _own_addresses(config)
 
     routes: list[CompiledRoute] = []
     seen: dict[str, int] = {}
@@ -388,6 +448,10 @@ def compile_table(config: Config) -> RouteTable:
         path = f"$.routes[{i}]"
         if not isinstance(route.name, str) or not ROUTE_NAME_RE.fullmatch(route.name):
             errors.add(f"{path}.name", f"invalid route name {route.name!r}: use 1-63 letters, digits, '_', '.' or '-'")
+        elif route.name == UNROUTED_NAME:
+            errors.add(
+                f"{path}.name", f"route name {route.name!r} is reserved: it stands for connections no route took (in stats, metrics and the status page)"
+            )
         elif route.name in seen:
             errors.add(f"{path}.name", f"duplicate route name {route.name!r} (first at $.routes[{seen[route.name]}])")
         else:
@@ -421,6 +485,7 @@ def compile_table(config: Config) -> RouteTable:
         _check_offload_keys(errors, path, route)
         health, circuit = _compile_target_health(errors, path, route)
         tls, bridge_to = _compile_tls(errors, path, route, tls_loaded)
+        destinations, users = _compile_dynamic(errors, path, route, listening)
         if bridge_to is not None:
             if route.targets:  # the external terminator has its own targets; ours would be ignored
                 errors.add(f"{path}.targets", 'targets are not used with bridge_to = "host:port": the terminator there has its own')
@@ -461,6 +526,8 @@ def compile_table(config: Config) -> RouteTable:
                 circuit=circuit,
                 warm=route.warm if route.action in ("forward", "bridge") else 0,
                 spec=route,
+                destinations=destinations,
+                users=users,
             )
         )
     if errors.lines:

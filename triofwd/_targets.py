@@ -111,10 +111,14 @@ class Target:
 class RouteTargets:
     """The targets of one route, in the route's order, with the balancer over them."""
 
-    def __init__(self, route: CompiledRoute, previous: RouteTargets | None = None) -> None:
+    def __init__(self, route: CompiledRoute, previous: RouteTargets | None = None, *, resolved: Iterable[tuple[str, int]] | None = None) -> None:
+        """`resolved`: instead of the route's targets, the addresses one client's destination
+        resolved to (socks5, http_connect), tried in the resolver's order, each once."""
         self.route = route
+        addresses = route.targets if resolved is None else tuple(resolved)
+        self.cycles = resolved is None  # retries go round the targets again when there are fewer
         carried: dict[tuple[str, int], Target] = {t.address: t for t in previous.targets} if previous is not None else {}
-        self.targets: list[Target] = [carried.pop(address) if address in carried else Target(address, route) for address in route.targets]
+        self.targets: list[Target] = [carried.pop(address) if address in carried else Target(address, route) for address in addresses]
         for target in self.targets:
             # Carried state lasts only while its policy does: a route that no longer checks
             # (or breaks circuits) must not keep a target out on the strength of old checks.
@@ -122,7 +126,7 @@ class RouteTargets:
             target.trim_warm(route.warm)
         same = previous is not None and previous.route.targets == route.targets and previous.route.balance == route.balance
         # An unchanged balancer keeps its turn and the holds of connections still open.
-        self.balancer: Balancer = previous.balancer if same and previous is not None else Balancer(route.targets, route.balance)
+        self.balancer: Balancer = previous.balancer if same and previous is not None else Balancer(addresses, route.balance if resolved is None else "first")
         self.dropped = list(carried.values())  # targets the new list no longer has
         self.scope = trio.CancelScope()
 
@@ -133,6 +137,8 @@ class RouteTargets:
 
     def order(self, attempts: int, now: float) -> list[int]:
         """Indexes of targets to try; only the usable ones (empty: every target is down)."""
+        if not self.cycles:
+            attempts = min(attempts, len(self.targets))
         if len(self.targets) == 1:  # the common case, without the lists
             return [0] * attempts if self.targets[0].health.usable(now) else []
         usable = [i for i, target in enumerate(self.targets) if target.health.usable(now)]

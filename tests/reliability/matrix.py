@@ -2,7 +2,7 @@
 pruned only where `triofwd check` refuses it, times every fault that applies, each with
 the reason the connection must end with.
 
-    action               forward | terminate | reencrypt | bridge_to | handler | offload | reject
+    action               forward | terminate | reencrypt | bridge_to | socks5 | http_connect | handler | offload | reject
     keepalive            standard | extended | immortal
     half_close_timeout   off | on
     proxy_protocol       "" | v1 | v2            (the header sent to the target)
@@ -11,7 +11,9 @@ the reason the connection must end with.
 `terminate` and `reencrypt` are action = "bridge" to the built-in terminator; `bridge_to` is
 action = "bridge" to an external one (here the matrix's own target server, which reads the
 hop's PROXY v2 header and terminates TLS); `offload` has offload_fallback = "forward" and
-runs where nft is not available, so it is forwarded in user space.
+runs where nft is not available, so it is forwarded in user space; `socks5` and
+`http_connect` name the matrix's target server in their handshake, and their
+`destinations` list it.
 
 The oracle (`expected`) is written from the contract, not from what the program does: TLS
 cannot half-close, so an EOF from or toward a TLS stream ends the whole connection `normal`.
@@ -29,7 +31,7 @@ from typing import Any
 import triofwd
 from triofwd._table import compile_table
 
-ACTIONS = ("forward", "terminate", "reencrypt", "bridge_to", "handler", "offload", "reject")
+ACTIONS = ("forward", "terminate", "reencrypt", "bridge_to", "socks5", "http_connect", "handler", "offload", "reject")
 KEEPALIVES = ("standard", "extended", "immortal")
 HALF_CLOSE = (False, True)
 PROXY = ("", "v1", "v2")
@@ -58,6 +60,7 @@ TARGET_NAME = "target.example"  # what a reencrypt route expects of its target
 TRUSTED = "127.0.0.0/8"
 
 _TLS_ACTIONS = ("terminate", "reencrypt", "bridge_to")
+DYNAMIC = ("socks5", "http_connect")  # the client's handshake names the target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +78,9 @@ class Combo:
 
     @property
     def reads_first_bytes(self) -> bool:
-        """The route waits for first bytes before routing: a PROXY header, a ClientHello."""
-        return self.accept_proxy or self.action in _TLS_ACTIONS
+        """The route waits for first bytes: a PROXY header, a ClientHello (before routing),
+        a SOCKS5 or HTTP CONNECT handshake (after)."""
+        return self.accept_proxy or self.action in _TLS_ACTIONS or self.action in DYNAMIC
 
     @property
     def dials(self) -> bool:
@@ -181,6 +185,9 @@ def route(case: Case, env: Environment, port: int = 0) -> dict[str, Any]:
         r.update(action="bridge", targets=[env.target], tls=tls)
     elif action == "bridge_to":
         r.update(action="bridge", bridge_to=env.target)
+    elif action in DYNAMIC:
+        host, _, port = env.target.rpartition(":")
+        r.update(action=action, destinations=[f"{host}/32:{port}"])  # loopback: listed explicitly
     elif action == "handler":
         r.update(action="handler", handler=env.handler)
     else:

@@ -78,15 +78,17 @@ class Counting(trio.abc.HalfCloseableStream):
 class Peer:
     """The test's end of one case's connection."""
 
-    def __init__(self, case: matrix.Case, address: tuple[str, int], tls: ssl.SSLContext, index: int) -> None:
+    def __init__(self, case: matrix.Case, address: tuple[str, int], tls: ssl.SSLContext, index: int, destination: tuple[str, int] | None = None) -> None:
         self.case = case
         self.address = address
+        self.destination = destination  # what a socks5 / http_connect client asks for
         self.tls = tls
         # Each case's client has an address of its own (all of 127.0.0.0/8 is loopback), so
         # even a line logged before any route was chosen names its case.
         self.source = f"127.1.{index // 250}.{1 + index % 250}"
         self.claimed = (f"198.51.{100 + index // 250}.{1 + index % 250}", 1024 + index) if case.combo.accept_proxy else None
-        self.header_bytes = 0
+        self.header_bytes = 0  # sent before the tunnel: a PROXY header, a SOCKS5 or CONNECT request
+        self.answer_bytes = 0  # received before the tunnel: the SOCKS5 or CONNECT answer
         self.sent = self.received = 0  # application bytes (inside TLS, where TLS is spoken)
         self.client = ""
 
@@ -105,10 +107,35 @@ class Peer:
             await self.raw.send_all(header)
             self.header_bytes = len(header)
             self.client = "%s:%d" % self.claimed
+        if self.case.combo.action in matrix.DYNAMIC:
+            await self.ask()
         if self.case.combo.tls:
             secure = trio.SSLStream(self.raw, self.tls, server_hostname=matrix.FRONT_NAME, https_compatible=True)
             await secure.do_handshake()
             self.stream = secure
+
+    async def ask(self) -> None:
+        """The SOCKS5 or HTTP CONNECT handshake that names the target, answered "connected"."""
+        assert self.destination is not None, "a socks5 / http_connect case needs its destination"
+        host, port = self.destination
+        if self.case.combo.action == "socks5":
+            request = b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton(host) + port.to_bytes(2, "big")
+            answer = b"\x05\x00" + b"\x05\x00\x00\x01"
+            length = 2 + 10  # the method, then the reply with its bound address
+        else:
+            request = b"CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (host.encode(), port, host.encode(), port)
+            answer = b"HTTP/1.1 200 Connection established\r\n\r\n"
+            length = len(answer)
+        await self.raw.send_all(request)
+        self.header_bytes += len(request)
+        got = bytearray()
+        while len(got) < length:
+            chunk = await self.raw.receive_some(length - len(got))
+            if not chunk:
+                raise Ended(f"the connection ended during the handshake, after {bytes(got)!r}")
+            got += chunk
+        self.answer_bytes = length
+        assert bytes(got).startswith(answer), bytes(got)
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)

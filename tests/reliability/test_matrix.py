@@ -68,8 +68,17 @@ def _sample_size() -> int | None:
 class Run:
     """One daemon serving every case, and what the cases wait for from each other."""
 
-    def __init__(self, daemon: Any, control: triofwd.ControlClient, cases: list[matrix.Case], addresses: dict[str, tuple[str, int]], tls: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        daemon: Any,
+        control: triofwd.ControlClient,
+        cases: list[matrix.Case],
+        addresses: dict[str, tuple[str, int]],
+        tls: ssl.SSLContext,
+        destination: tuple[str, int],
+    ) -> None:
         self.daemon = daemon
+        self.destination = destination  # the target server, as socks5 / http_connect clients ask for it
         self.control = control
         self.cases = cases
         self.addresses = addresses
@@ -88,7 +97,7 @@ class Run:
 
     async def case(self, index: int, case: matrix.Case) -> None:
         """Run one case's script; a failure is noted (all are reported at the end), never raised."""
-        peer = self.peers[case.name] = Peer(case, self.addresses[case.name], self.tls, index)
+        peer = self.peers[case.name] = Peer(case, self.addresses[case.name], self.tls, index, self.destination)
         try:
             with trio.fail_after(CASE_TIMEOUT):
                 try:
@@ -201,7 +210,7 @@ async def _run(d: Any, control: triofwd.ControlClient, cases: list[matrix.Case],
     addresses = {c.name: ("127.0.0.1", ports[c.name]) if c.name in ports else _split(d.listeners[c.name][0]) for c in cases}
     base_fds = _sockets_and_others(d.pid)
     base_rss = rss_bytes(d.pid)
-    run = Run(d, control, cases, addresses, client_tls)
+    run = Run(d, control, cases, addresses, client_tls, _split(env.target))
     started = time.monotonic()
     limiter = trio.CapacityLimiter(CONCURRENCY)
 
@@ -300,7 +309,7 @@ def _line_problems(case: matrix.Case, peer: Peer, line: dict[str, Any], warned: 
         if combo.action in ("terminate", "reencrypt"):  # counted as plaintext, on both sides of the terminator
             want = (peer.sent, peer.received)
         else:
-            want = (peer.raw.sent - peer.header_bytes, peer.raw.received)
+            want = (peer.raw.sent - peer.header_bytes, peer.raw.received - peer.answer_bytes)
         if (line["bytes_in"], line["bytes_out"]) != want:
             problems.append(f"bytes in/out {line['bytes_in']}/{line['bytes_out']}, expected {want[0]}/{want[1]}")
     sends_header = combo.proxy or combo.action == "bridge_to"
