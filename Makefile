@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: run test lint bench check clean system-deps soak fuzz matrix
 
+# PYTHONWARNINGS: setuptools' notice that an editable install is one (printed on every
+# install, a warning in form only) would greet a first `make run`.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 # The demo: a tiny HTTP backend on 127.0.0.1:8081 and triofwd in front of it on :8080.
@@ -22,12 +24,18 @@ run: $(STAMP)
 	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
 	$(PY) -m triofwd serve routes/demo.toml --access-log - --control .triofwd-demo.sock --metrics 127.0.0.1:9090
 
-# Kernel-feature tests (nftables in a network namespace) need nft and ip; as root on
-# Debian, install them, otherwise those tests skip with their reason.
+# Kernel-feature tests (nftables in a network namespace) need nft and ip, the status page's
+# browser test Chromium, the log-rotation test logrotate; as root on Debian, install them,
+# otherwise those tests skip with their reason.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { command -v nft && command -v ip; } >/dev/null; then \
 		echo "installing nftables and iproute2 for the kernel tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null || echo "could not install nftables: its tests will skip"; \
+	fi
+	@missing=$$(for p in chromium logrotate; do command -v $$p >/dev/null || [ -x /usr/sbin/$$p ] || echo $$p; done); \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -n "$$missing" ]; then \
+		echo "installing" $$missing "for the browser and log-rotation tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || echo "could not install $$missing: their tests will skip"; \
 	fi
 
 # ruff (lint, and the formatter's check on the package) and mypy --strict on triofwd/:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -269,13 +269,22 @@ def run_triofwd(*args: str, env: dict[str, str] | None = None, timeout: float = 
 class Daemon:
     """`triofwd serve` as a real subprocess, JSON logs on stderr, stopped by pid."""
 
-    def __init__(self, routefile: pathlib.Path, *args: str, env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        routefile: pathlib.Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+        python_args: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        """`python_args` go before `-m triofwd` (e.g. a `-c` launcher that execs the rest); `pass_fds` are inherited."""
         self.routefile = routefile
         self.access_log = routefile.with_suffix(".access.jsonl")
         self.stderr_path = routefile.with_suffix(".stderr")
         self._stderr = open(self.stderr_path, "w+b")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "triofwd", "serve", str(routefile), "--log-format", "json", "--access-log", str(self.access_log), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, cwd=REPO, env=env, preexec_fn=preexec_fn)
+        cmd = [sys.executable, *python_args, "-m", "triofwd", "serve", str(routefile), "--log-format", "json", "--access-log", str(self.access_log), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, cwd=REPO, env=env, preexec_fn=preexec_fn, pass_fds=pass_fds)
         self.listeners: dict[str, list[str]] = {}
 
     @property

@@ -68,7 +68,7 @@ def counted(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> tuple[pa
 def test_check_compiles_once(counted: tuple[pathlib.Path, dict[str, int]], capsys: pytest.CaptureFixture[str]) -> None:
     path, counts = counted
     assert _cli.main(["check", str(path), "--show-nft"]) == 0
-    assert capsys.readouterr().out.endswith("ok: 2 routes\n")
+    assert capsys.readouterr().err == "ok: 2 routes\n"
     assert counts == {"compiles": 1, "certificates": 1}
 
 

@@ -218,6 +218,10 @@ async def test_connections_filters(tmp_path: pathlib.Path) -> None:
                     await control.request("connections", client="300.0.0.0/8")
 
 
+# A request over MAX_REQUEST_BYTES that is well-formed JSON: answered under its id.
+LARGE = '{"id": 17, "cmd": "connections", "args": {"route": "%s"}}' % ("r" * MAX_REQUEST_BYTES)
+
+
 async def test_bad_requests_get_error_replies_and_nothing_else_changes(tmp_path: pathlib.Path) -> None:
     bad: list[tuple[str | bytes, Any, str]] = [
         ("not json", None, "invalid request: JSON is malformed"),
@@ -225,7 +229,16 @@ async def test_bad_requests_get_error_replies_and_nothing_else_changes(tmp_path:
         ("[1, 2]", None, "invalid request: Expected `object`, got `array`"),
         ('{"id": 3}', 3, "invalid request: Object missing required field `cmd`"),
         ('{"id": 4, "cmd": 7}', 4, "invalid request: Expected `str`, got `int` - at `$.cmd`"),
-        ('{"id": "5", "cmd": "stats"}', None, "invalid request: Expected `int | null`, got `str` - at `$.id`"),
+        # The id is echoed whenever it can be read, so the client can match the error.
+        ('{"id": "5", "cmd": "stats"}', "5", "invalid request: Expected `int | null`, got `str` - at `$.id`"),
+        ('{"id": "req-a", "cmd": 7}', "req-a", "invalid request: Expected `int | null`, got `str` - at `$.id`"),
+        ('{"cmd": "stats", "id": 2.5}', 2.5, "invalid request: Expected `int | null`, got `float` - at `$.id`"),
+        ('{"id": 14, "cmd": "sta', 14, "invalid request: Input data was truncated"),  # cut short: the id leads, so it is read
+        ('{"id": "x\\"y", "cmd": 1', 'x"y', "invalid request: Expected `int | null`, got `str` - at `$.id`"),
+        ('{"id": 18 "cmd": "stats"}', None, "invalid request: JSON is malformed"),  # no comma after it: not guessed at
+        ('{"cmd": "stats", "id": 15', None, "invalid request: Input data was truncated"),  # not leading: not guessed at
+        ('{"id": true, "cmd": "stats"}', None, "invalid request: Expected `int | null`, got `bool` - at `$.id`"),
+        ('{"id": [16], "cmd": "stats"}', None, "invalid request: Expected `int | null`, got `array` - at `$.id`"),
         ('{"id": 6, "cmd": "stats", "extra": 1}', 6, "invalid request: Object contains unknown field `extra`"),
         ('{"id": 7, "cmd": "shutdown"}', 7, "unknown command 'shutdown'; commands: connections, connection, kill"),
         ('{"id": 8, "cmd": "kill", "args": {"id": "1"}}', 8, "bad arguments for kill: Expected `int`, got `str` - at `$.id`"),
@@ -235,6 +248,7 @@ async def test_bad_requests_get_error_replies_and_nothing_else_changes(tmp_path:
         ('{"id": 12, "cmd": "stats", "args": []}', 12, "bad arguments for stats: Expected `object`, got `array`"),
         ('{"id": 13, "cmd": "connections", "args": {"route": 5}}', 13, "bad arguments for connections: Expected `str | null`, got `int` - at `$.route`"),
         ("x" * (MAX_REQUEST_BYTES + 1), None, f"request too large: {MAX_REQUEST_BYTES + 1} bytes (limit {MAX_REQUEST_BYTES})"),
+        (LARGE, 17, f"request too large: {len(LARGE)} bytes (limit {MAX_REQUEST_BYTES})"),
     ]
     with trio.fail_after(10):
         async with backend(echo) as target, controlled(config(route(targets=[target])), tmp_path / "c.sock") as (fwd, path):

@@ -21,11 +21,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "triofwd"
 
 LAYERS: dict[str, int] = {
     **dict.fromkeys(
-        ["_errors", "_reasons", "_endings", "_addresses", "_log", "_config", "_policy", "_proxy_protocol", "_clienthello", "_socks5", "_httpconnect", "_destinations", "_credentials", "_nft", "_health", "_metrics", "_rawsock", "_systemd", "testing"], 0
+        ["_errors", "_reasons", "_endings", "_addresses", "_log", "_config", "_schema", "_policy", "_proxy_protocol", "_clienthello", "_socks5", "_httpconnect", "_destinations", "_credentials", "_nft", "_health", "_metrics", "_rawsock", "_systemd", "testing"], 0
     ),
     **dict.fromkeys(["_limits", "_balance", "_tls", "_table"], 1),
     **dict.fromkeys(
-        ["_record", "_splice", "_firstbytes", "_connect", "_dial", "_targets", "_idle", "_engine", "_pump", "_accesslog", "_stats", "_context", "_actions", "_connection"], 2
+        ["_record", "_splice", "_firstbytes", "_connect", "_dial", "_targets", "_idle", "_engine", "_pump", "_accesslog", "_stats", "_status", "_context", "_dynamic", "_actions", "_connection"], 2
     ),
     **dict.fromkeys(["_listeners", "_offload", "_server"], 3),
     **dict.fromkeys(

@@ -387,8 +387,10 @@ def test_daemon_serves_metrics_over_http(daemon: Callable[..., Any]) -> None:
         fams = parse_exposition(response.read().decode())
     assert value(fams, "triofwd_terminations_total", route="closed", reason="rejected") == 1
     assert value(fams, "triofwd_connections_active", route="web") == 0
+    with urllib.request.urlopen(f"http://{address}/", timeout=5) as response:  # the status page (tests/test_status_page.py)
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
     with pytest.raises(urllib.error.HTTPError) as missing:
-        urllib.request.urlopen(f"http://{address}/", timeout=5)
+        urllib.request.urlopen(f"http://{address}/nothing-here", timeout=5)
     assert missing.value.code == 404
 
 

@@ -89,7 +89,8 @@ def test_reloading_says_ready_again_even_when_the_reload_fails(notify_socket: so
 
 # What systemd does between fork and exec: the passed sockets to fds 3, 4, ... (moved out
 # of the way first, since one may already sit on a number another needs), LISTEN_PID set
-# to the pid that is about to exec, then exec the service.
+# to the pid that is about to exec, then exec the service:
+#   python -c ACTIVATE FD,FD,... NAME:NAME:... PYTHON-ARGS...
 ACTIVATE = """
 import fcntl, os, sys
 sources = [int(fd) for fd in sys.argv[1].split(",")]
@@ -100,7 +101,7 @@ for i, fd in enumerate(moved):
     os.dup2(fd, 3 + i)
     os.close(fd)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(moved)), LISTEN_FDNAMES=sys.argv[2])
-os.execv(sys.executable, [sys.executable, "-c", sys.argv[3]])
+os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
 """
 
 # The service: takes what it was passed, serves one connection on "web", reports.
@@ -129,7 +130,7 @@ def test_listen_fds_takes_the_sockets_as_systemd_passes_them() -> None:
         try:
             fds = [web.fileno(), dns.fileno(), read]
             child = subprocess.Popen(
-                [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds)), "web:dns:fifo", SERVICE],
+                [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds)), "web:dns:fifo", "-c", SERVICE],
                 pass_fds=fds, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
         finally:

@@ -12,9 +12,9 @@ async def main():
 from __future__ import annotations
 
 from ._actions import HandlerInfo
-from ._config import TLS, CircuitBreaker, Config, HealthCheck, Route, Settings, parse_config
+from ._config import TLS, CircuitBreaker, Config, HealthCheck, Route, Settings, User, parse_config
 from ._errors import ConfigError, ConnectionEnded, ControlConnectionError, ControlError, ListenError, OffloadError
-from ._metrics_http import serve_metrics
+from ._metrics_http import serve_metrics, status_json
 from ._reasons import Reason
 from ._record import Connection
 from ._server import Forwarder, serve
@@ -40,6 +40,7 @@ __all__ = [
     "Route",
     "RouteTable",
     "Settings",
+    "User",
     "load_config",
     "load_table",
     "metrics_text",
@@ -48,6 +49,7 @@ __all__ = [
     "serve",
     "serve_control",
     "serve_metrics",
+    "status_json",
 ]
 
 __version__ = "0.1.0"

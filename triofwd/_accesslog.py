@@ -1,10 +1,16 @@
-"""The JSON access log: one line per connection, written when it ends."""
+"""The JSON access log: one line per connection, written when it ends.
+
+A log file is reopened on request (SIGUSR1, nginx's habit), so logrotate can rename it
+without `copytruncate`: lines up to the reopen go to the renamed file, later ones to a new
+file at the path. Lines are written whole (one write and a flush each, on the event loop's
+thread), and the reopen runs between two of them, so none is lost or split.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -13,7 +19,7 @@ from ._log import iso_utc
 if TYPE_CHECKING:
     from ._record import Connection
 
-__all__ = ["AccessLog", "AccessRecord"]
+__all__ = ["AccessLog", "AccessLogFile", "AccessRecord", "LineSink"]
 
 log = logging.getLogger("triofwd.accesslog")
 
@@ -29,7 +35,8 @@ class AccessRecord(msgspec.Struct, kw_only=True):
     id: int
     route: str | None
     client: str
-    target: str | None
+    target: str | None  # the address connected to
+    destination: str | None  # socks5 / http_connect: "host:port" the client asked for; null elsewhere
     started: str
     duration_ms: float
     connect_ms: float | None  # time to connect to the target (~0 for a warm socket); null: none was connected
@@ -38,10 +45,49 @@ class AccessRecord(msgspec.Struct, kw_only=True):
     reason: str
 
 
+class LineSink(Protocol):
+    """Where access log lines go: a text file, sys.stdout, an AccessLogFile, a test's list."""
+
+    def write(self, text: str, /) -> object: ...
+    def flush(self) -> object: ...
+
+
+class AccessLogFile:
+    """An access log file at `path`, appended to, that reopen() opens anew at the same path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = self._open()  # OSError: the caller says it cannot start
+
+    def _open(self) -> IO[str]:
+        # Appending, so that two writers (an upgrade's old and new generation) never overwrite
+        # each other, and a line lands whole at the end of the file.
+        return open(self.path, "a", encoding="utf-8")  # kept open until reopen() or close()
+
+    def write(self, text: str, /) -> int:
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def reopen(self) -> None:
+        """Open the path anew and close the old file (which logrotate has renamed, or not).
+
+        Raises OSError when the path cannot be opened; the old file then stays in use, so
+        lines keep being written somewhere (nginx does the same).
+        """
+        new = self._open()
+        old, self._file = self._file, new
+        old.close()  # every line was flushed as it was written: nothing is left in its buffer
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class AccessLog:
     """Writes AccessRecords as JSON lines to a text file (or stdout)."""
 
-    def __init__(self, file: IO[str]) -> None:
+    def __init__(self, file: LineSink) -> None:
         self.file = file
         self._encoder = msgspec.json.Encoder()
         self.lost = 0  # lines that could not be written
@@ -55,6 +101,7 @@ class AccessLog:
             route=conn.route,
             client=conn.client,
             target=conn.target,
+            destination=conn.destination,
             started=iso_utc(conn.started),
             duration_ms=round(duration * 1000, 3),
             connect_ms=None if conn.connect_time is None else round(conn.connect_time * 1000, 3),

@@ -1,4 +1,5 @@
-"""The `triofwd` command: `serve` (the daemon) and `check` (validate a route file).
+"""The `triofwd` command: `serve` (the daemon), `check` (validate a route file: every
+error it finds) and `schema` (the route file's JSON Schema, for editors).
 
 Exit status: 0 after a clean stop or a good check; 1 for a route file that `check`
 finds invalid; 2 for anything `serve` cannot start with (unreadable or invalid route
@@ -11,22 +12,28 @@ import argparse
 import contextlib
 import gc
 import logging
-import os
 import resource
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import IO
+from typing import NoReturn
 
 import trio
 
+from triofwd import __version__
+
+from . import _systemd as systemd
+from ._accesslog import AccessLogFile, LineSink
+from ._addresses import format_address
+from ._config import Settings, ShapeError
 from ._errors import ConfigError, ListenError
 from ._log import setup_logging
-from ._metrics_http import bind_metrics, serve_metrics_on
+from ._metrics_http import bind_metrics, serve_metrics_on, status_json
 from ._offload import ruleset_text
+from ._schema import schema_text
 from ._server import Forwarder, serve
-from ._table import load_table
+from ._table import compile_table, load_table
 from .control import ControlServer, bind_control_socket, inspector, metrics_text
 
 __all__ = ["main"]
@@ -39,22 +46,26 @@ EXIT_CANNOT_START = 2  # serve: bad route file, busy port, bad option
 GC_THRESHOLDS = (50_000, 20, 100)
 # File descriptors kept besides two per connection: listeners, pipes for splice, logs, control.
 FD_RESERVE = 64
+# How often systemd's STATUS= line (the live connection count) is brought up to date.
+STATUS_EVERY = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triofwd", description="A TCP forwarder on Trio.")
+    parser.add_argument("--version", action="version", version=f"triofwd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the forwarder in the foreground")
     s.add_argument("routefile")
     s.add_argument("--control", metavar="PATH", help="control socket path (Unix socket, mode 0600)")
     s.add_argument("--access-log", metavar="PATH|-", help="JSON access log, one line per connection ('-': stdout)")
-    s.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus text at /metrics")
+    s.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus text at /metrics, a status page at /")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="text", choices=["text", "json"], help="stderr log lines as text or JSON")
     sub.add_parser("inspect", help="see and steer a running daemon (triofwd inspect --help)", add_help=False)
     c = sub.add_parser("check", help="validate a route file")
     c.add_argument("routefile")
-    c.add_argument("--show-nft", action="store_true", help="print the nftables ruleset offload routes would install")
+    c.add_argument("--show-nft", action="store_true", help="print the nftables ruleset offload routes would install (stdout: the ruleset alone)")
+    sub.add_parser("schema", help="print the JSON Schema of the route file, for editors")
     return parser
 
 
@@ -65,25 +76,50 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(args.routefile, args.show_nft)
+    if args.command == "schema":
+        print(schema_text(), end="")
+        return 0
     setup_logging(args.log_level, args.log_format)
+    try:
+        # First, before anything can start a child process: the sockets are made
+        # close-on-exec and LISTEN_* leave the environment.
+        passed = systemd.PassedSockets(systemd.listen_fds())
+        watchdog = systemd.watchdog_interval()
+    except ValueError as exc:  # LISTEN_* or WATCHDOG_* malformed (systemd never writes them so)
+        return _fail(str(exc))
     _tune_gc()
     try:
-        return trio.run(_serve, args)
+        return trio.run(_serve, args, passed, watchdog)
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
 
 
 def _check(path: str, show_nft: bool) -> int:
+    """Validate a route file as `haproxy -c` does: every error it can find, each with its
+    path, on stderr (exit 1). With --show-nft, stdout is the nftables ruleset alone (`ok` goes
+    to stderr) so that `triofwd check FILE --show-nft | nft -c -f -` checks it."""
     try:
         table = load_table(path)
     except ConfigError as exc:
-        for line in exc.errors:
+        for line in _every_error(exc):
             print(f"{path}: {line}", file=sys.stderr)
         return EXIT_INVALID
     if show_nft:
         print(ruleset_text(table), end="")
-    print(f"ok: {len(table.routes)} routes")
+    print(f"ok: {len(table.routes)} routes", file=sys.stderr if show_nft else sys.stdout)
     return 0
+
+
+def _every_error(exc: ConfigError) -> list[str]:
+    """The errors of a route file: those of its shape, and those a compile finds in the sound
+    rest of it (a file with a bad port still has its bad durations and CIDRs reported)."""
+    if not isinstance(exc, ShapeError) or exc.sound is None:
+        return exc.errors
+    try:
+        compile_table(exc.sound)
+    except ConfigError as more:
+        return exc.with_compile_errors(more.errors)
+    return exc.errors
 
 
 def _fail(message: str) -> int:
@@ -123,28 +159,27 @@ def _raise_fd_limit(max_connections: int) -> int:
     return soft
 
 
-def _warn_fd_limit(limit: int, max_connections: int) -> None:
-    """One warning when the open file limit cannot hold max_connections (0: no limit to check)."""
+def _warn_fd_limit(limit: int, max_connections: int, default: int) -> None:
+    """One line when the open file limit cannot hold max_connections (0: no limit to check).
+
+    A warning when the route file asks for more than fits. When max_connections is the
+    default (10000) on a host whose hard limit holds fewer (20000 fds hold about 9968), it
+    is information, not a fault: nobody asked for that many, and past what fits new
+    connections wait in the listen backlog for a free fd.
+    """
     needed = 2 * max_connections + FD_RESERVE
-    if max_connections and limit != resource.RLIM_INFINITY and limit < needed:
-        log.warning(
-            "the open file limit (%d) holds about %d connections, fewer than max_connections = %d; "
-            "raise the hard limit (ulimit -Hn, LimitNOFILE=) to %d",
-            limit, max(0, (limit - FD_RESERVE) // 2), max_connections, needed,
-        )  # fmt: skip
-
-
-def _notify_systemd(state: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET ('@' = abstract)."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
+    if not max_connections or limit == resource.RLIM_INFINITY or limit >= needed:
         return
-    address = "\0" + path[1:] if path.startswith("@") else path
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(state.encode(), address)
-        except OSError as exc:
-            log.warning("cannot notify systemd at %s: %s", path, exc)
+    fit = max(0, (limit - FD_RESERVE) // 2)
+    raise_it = f"raise the hard limit (ulimit -Hn, LimitNOFILE=) to {needed}"
+    if max_connections == default:
+        log.info(
+            "the open file limit (%d) holds about %d connections, fewer than max_connections = %d (the default); "
+            "set max_connections to what you expect, or %s",
+            limit, fit, max_connections, raise_it,
+        )  # fmt: skip
+    else:
+        log.warning("the open file limit (%d) holds about %d connections, fewer than max_connections = %d; %s", limit, fit, max_connections, raise_it)
 
 
 def _parse_host_port(text: str) -> tuple[str | None, int]:
@@ -155,7 +190,7 @@ def _parse_host_port(text: str) -> tuple[str | None, int]:
     return (host.strip("[]") or None), int(port)
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, passed: systemd.PassedSockets, watchdog: float | None) -> int:
     try:
         table = load_table(args.routefile)
     except ConfigError as exc:
@@ -168,17 +203,21 @@ async def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return _fail(str(exc))
     fd_limit = _raise_fd_limit(config.settings.max_connections)
-    access_log: IO[str] | None = None
+    access_log: LineSink | None = None
+    log_file: AccessLogFile | None = None  # what SIGUSR1 reopens
     if args.access_log == "-":
         access_log = sys.stdout
     elif args.access_log:
         try:
-            # Opened once, before anything is served, and kept as long as serve runs.
-            access_log = open(args.access_log, "a", encoding="utf-8")  # noqa: SIM115, ASYNC230
+            # Opened before anything is served, and kept as long as serve runs (reopened on SIGUSR1).
+            access_log = log_file = AccessLogFile(args.access_log)
         except OSError as exc:
             return _fail(f"cannot open access log {args.access_log}: {exc.strerror or exc}")
     try:
-        with contextlib.ExitStack() as resources, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with (
+            contextlib.ExitStack() as resources,
+            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals,
+        ):
             # The control socket and the metrics port are bound before the forwarder's
             # ports, so that when `ready` is logged every listener is there.
             try:
@@ -190,23 +229,53 @@ async def _serve(args: argparse.Namespace) -> int:
                 resources.callback(listener.socket.close)
             async with trio.open_nursery() as nursery:
                 try:
-                    fwd: Forwarder = await nursery.start(lambda task_status: serve(table, access_log=access_log, task_status=task_status))
+                    fwd: Forwarder = await nursery.start(lambda task_status: serve(table, access_log=access_log, passed=passed, task_status=task_status))
                 except (ListenError, ConfigError) as exc:
                     return _fail(str(exc))
-                _warn_fd_limit(fd_limit, config.settings.max_connections)  # once serving: start-up errors stay one line
+                _warn_fd_limit(fd_limit, config.settings.max_connections, Settings().max_connections)  # once serving: start-up errors stay one line
                 reload = _reloader(fwd, args.routefile)
                 if control is not None:
                     nursery.start_soon(ControlServer(fwd, reload=reload).serve, [control])
                 if metrics is not None:
-                    nursery.start_soon(serve_metrics_on, metrics, lambda: metrics_text(fwd))
-                _notify_systemd("READY=1")
-                nursery.start_soon(_on_signals, fwd, signals, reload)
+                    nursery.start_soon(serve_metrics_on, metrics, lambda: metrics_text(fwd), lambda: status_json(fwd))
+                for name, sock in passed.unclaimed:  # kept open: a reload may add its route
+                    log.warning("systemd passed a socket no route listens on: %s (%s)", name, _sockname(sock))
+                systemd.notify("READY=1")
+                nursery.start_soon(_report_status, fwd)
+                if watchdog is not None:  # in this nursery: it pings through the shutdown grace too
+                    nursery.start_soon(systemd.watchdog, watchdog)
+                nursery.start_soon(_on_signals, fwd, signals, reload, log_file)
                 await fwd.wait_stopped()
                 nursery.cancel_scope.cancel()
     finally:
-        if access_log is not None and access_log is not sys.stdout:
-            access_log.close()
+        if log_file is not None:
+            log_file.close()
     return 0
+
+
+def _sockname(sock: socket.socket) -> str:
+    try:
+        address = sock.getsockname()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return format_address(address) if isinstance(address, tuple) else repr(address)
+
+
+def _status(fwd: Forwarder) -> str:
+    """systemd's STATUS= line, what `systemctl status` shows."""
+    state = "stopping: " if fwd.stopping else "draining: " if fwd.draining else ""
+    count = len(fwd.connections)
+    return f"{state}{count} connection{'' if count == 1 else 's'} open"
+
+
+async def _report_status(fwd: Forwarder) -> NoReturn:
+    """Keep systemd's STATUS= line current: looked at every STATUS_EVERY seconds, sent when it changed."""
+    sent = ""
+    while True:
+        if (status := _status(fwd)) != sent:
+            systemd.notify(f"STATUS={status}")
+            sent = status
+        await trio.sleep(STATUS_EVERY)
 
 
 def _reloader(fwd: Forwarder, path: str) -> Callable[[], Awaitable[dict[str, list[str]]]]:
@@ -219,22 +288,38 @@ def _reloader(fwd: Forwarder, path: str) -> Callable[[], Awaitable[dict[str, lis
 
     async def reload() -> dict[str, list[str]]:
         async with lock:
-            return await fwd.reload(load_table(path))
+            with systemd.reloading():  # RELOADING=1 now, READY=1 when applied or refused
+                return await fwd.reload(load_table(path))
 
     return reload
 
 
-async def _on_signals(fwd: Forwarder, signals: AsyncIterator[int], reload: Callable[[], Awaitable[object]]) -> None:
+async def _on_signals(fwd: Forwarder, signals: AsyncIterator[int], reload: Callable[[], Awaitable[object]], log_file: AccessLogFile | None) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
             try:
                 await reload()
             except (ConfigError, ListenError) as exc:
                 log.error("reload failed, the old routes stay in force: %s", exc)
+        elif signum == signal.SIGUSR1:
+            _reopen(log_file)
         elif not fwd.stopping:
             log.info("%s: stopping gracefully", signal.Signals(signum).name)
-            _notify_systemd("STOPPING=1")
             fwd.shutdown()
+            systemd.notify("STOPPING=1", f"STATUS={_status(fwd)}")
         else:
             log.info("%s again: closing every connection now", signal.Signals(signum).name)
             fwd.shutdown(grace=0)
+
+
+def _reopen(log_file: AccessLogFile | None) -> None:
+    """SIGUSR1: open the access log anew at its path (logrotate has renamed the old one)."""
+    if log_file is None:
+        log.info("SIGUSR1: no access log file to reopen")
+        return
+    try:
+        log_file.reopen()
+    except OSError as exc:
+        log.error("cannot reopen the access log %s, still writing to the old file: %s", log_file.path, exc.strerror or exc)
+        return
+    log.info("access log reopened: %s", log_file.path)

@@ -9,11 +9,16 @@ targets, cross-route rules — is checked when the file is compiled into a route
 
 from __future__ import annotations
 
+import datetime
+import difflib
+import functools
 import ipaddress
 import math
 import pathlib
 import re
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -28,16 +33,23 @@ __all__ = [
     "Route",
     "Settings",
     "TLS",
+    "ShapeError",
+    "User",
     "parse_config",
     "read_config",
 ]
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PortRange = Annotated[str, msgspec.Meta(pattern=r"^\d{1,5}-\d{1,5}$")]
-Duration = str  # "250ms" | "30s" | "5m" | "4h" | "7d" | "0"; parsed by parse_duration
-Rate = str  # "300/min" | "0"; parsed by parse_rate
+# Durations and rates are strings that the table parses (parse_duration, parse_rate). Their
+# patterns, which accept what those parsers accept, are for the JSON Schema editors check
+# route files with (`triofwd schema`); the loader's own errors say more than a regex.
+DURATION_PATTERN = r"^\s*(0|\d+(\.\d+)?(ms|s|m|h|d))\s*$"
+RATE_PATTERN = r"^\s*(0|\d+\s*/\s*\d*\s*(s|sec|second|m|min|minute|h|hour))\s*$"
+Duration = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": DURATION_PATTERN})]  # "250ms" | "30s" | "5m" | "4h" | "7d" | "0"
+Rate = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": RATE_PATTERN})]  # "300/min" | "10/5s" | "0"
 Keepalive = Literal["standard", "immortal", "extended"]
-Action = Literal["forward", "bridge", "offload", "reject", "handler"]
+Action = Literal["forward", "bridge", "offload", "reject", "handler", "socks5", "http_connect"]
 Balance = Literal["round-robin", "least-connections", "random", "first"]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -95,6 +107,15 @@ class CircuitBreaker(_Struct):
     max_backoff: Duration = "5m"
 
 
+class User(_Struct):
+    """One user of a `socks5` or `http_connect` route. The password is the password itself,
+    "env:VARIABLE" (read from the environment when the file is loaded) or a salted hash,
+    "scrypt$<salt>$<hash>" (`triofwd._credentials.hash_password` makes one)."""
+
+    name: str
+    password: str
+
+
 class Route(_Struct):
     """One route: which connections it takes (ports, addresses, names) and what it does."""
 
@@ -120,6 +141,10 @@ class Route(_Struct):
     health_check: HealthCheck | None = None
     circuit_breaker: CircuitBreaker | None = None
     tls: TLS | None = None
+    # socks5 / http_connect: where clients may ask to go ("CIDR:ports", "name:ports",
+    # "*.example.com:ports"), and who may ask (empty: no authentication).
+    destinations: list[str] = []
+    users: list[User] = []
     # Per-route overrides of [settings]; None means "as in [settings]".
     connect_timeout: Duration | None = None
     initial_data_timeout: Duration | None = None
@@ -153,37 +178,219 @@ _DECODERS: dict[str, Callable[..., Any]] = {
 }
 
 
+class ShapeError(ConfigError):
+    """A route file of the wrong shape: every such error, and the part of the file that is sound.
+
+    `sound` is the file without its routes that have errors and without its bad [settings]
+    keys (their defaults instead), so that `triofwd check` can look for the errors only a
+    compile finds (durations, CIDRs, targets...) in the rest of the file too, as `haproxy -c`
+    reports every error in one run. `kept[i]` is the index in the file of `sound.routes[i]`.
+    """
+
+    def __init__(
+        self, errors: list[str], source: str = "", sound: Config | None = None, kept: tuple[int, ...] = (), dropped: frozenset[str] = frozenset()
+    ) -> None:
+        super().__init__(errors, source)
+        self.sound = sound
+        self.kept = kept
+        self.dropped = dropped  # [settings] keys left out of `sound`
+
+    def with_compile_errors(self, lines: list[str]) -> list[str]:
+        """These errors and those a compile of `sound` found (`lines`), in the file's terms and
+        order: route paths renumbered to the file's, [settings] first, then route by route;
+        lines that may only follow from a dropped [settings] key left out (a route's
+        `accept_proxy_protocol` without trusted_proxies)."""
+        renumber = functools.partial(_ROUTE_PATH_RE.sub, lambda m: f"$.routes[{self.kept[int(m.group(1))]}]")
+        mentions = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(self.dropped))) + r")\b") if self.dropped else None
+        more = [renumber(line) for line in lines if mentions is None or not mentions.search(line.partition(" - at `")[0])]
+        return sorted([*self.errors, *more], key=_place_in_file)
+
+
+_ROUTE_PATH_RE = re.compile(r"\$\.routes\[(\d+)\]")
+
+
+def _place_in_file(line: str) -> tuple[int, int]:
+    """Where an error line's path is: the top level, [settings], then the routes in order."""
+    path = line.rpartition(" - at `")[2]
+    if path.startswith("$.settings"):
+        return 1, 0
+    route = _ROUTE_PATH_RE.match(path)
+    return (2, int(route.group(1))) if route else (0, 0)
+
+
+# Conversion as msgspec.toml and msgspec.yaml do it after parsing (dates stay dates).
+_CONVERT: dict[str, Any] = {"builtin_types": (datetime.datetime, datetime.date, datetime.time), "str_keys": True}
+_BAD = object()  # a list item with errors, in the sound part of a file
+
+
 def parse_config(data: bytes | str, suffix: str, source: str = "") -> Config:
-    """Decode a route file's text; `suffix` (".toml", ".yaml", ".yml", ".json") picks the format."""
+    """Decode a route file's text; `suffix` (".toml", ".yaml", ".yml", ".json") picks the format.
+
+    A file of the wrong shape raises ShapeError with every error of its shape, each naming
+    the path of the bad value, and a close match for a misspelt key ("did you mean ...").
+    """
     decode = _DECODERS.get(suffix.lower())
     if decode is None:
         raise ConfigError([f"unknown route file type {suffix!r}: expected .toml, .yaml, .yml or .json"], source)
     try:
-        config: Config = decode(data, type=Config)
-        return config
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        if " - at `" not in message:  # msgspec names no path for the top level; we always do
-            message += " - at `$`"
-        raise ConfigError([message], source) from None
+        raw = decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # Syntax errors carry their own position ("line 3, column 1") instead of a path.
         raise ConfigError([f"invalid {suffix.lstrip('.').upper()}: {exc}"], source) from None
+    try:
+        config: Config = msgspec.convert(raw, Config, **_CONVERT)
+        return config
+    except msgspec.ValidationError:
+        pass  # msgspec stops at the first error: walk the file for all of them
+    errors: list[str] = []
+    sound = _check_struct(Config, raw, "$", errors)
+    if not errors:  # msgspec saw an error the walk did not: report msgspec's own
+        errors.append(_at(_convert_error(raw, Config), "$"))
+    raise _shape_error(errors, source, raw, sound)
+
+
+def _shape_error(errors: list[str], source: str, raw: Any, sound: Any) -> ShapeError:
+    """The ShapeError for `errors`, with the sound part of the file (`sound`, from the walk)."""
+    if not isinstance(sound, dict):
+        return ShapeError(errors, source)
+    routes = sound.get("routes") or []
+    settings = sound.get("settings") or {}
+    kept = tuple(i for i, route in enumerate(routes) if route is not _BAD)
+    try:
+        config = msgspec.convert({"settings": settings, "routes": [routes[i] for i in kept]}, Config, **_CONVERT)
+    except msgspec.ValidationError:  # not expected: every part was checked; then no second look
+        return ShapeError(errors, source)
+    given = raw.get("settings")
+    # Known [settings] keys the file gives but `sound` leaves out (all of them when [settings] is no table).
+    dropped = set(given) if isinstance(given, dict) else set(Settings.__struct_fields__) if "settings" in raw else set()
+    return ShapeError(errors, source, config, kept, frozenset((dropped & set(Settings.__struct_fields__)) - set(settings)))
+
+
+def _check_struct(struct: type[msgspec.Struct], raw: Any, path: str, errors: list[str]) -> Any:
+    """Add an error for each bad value of `raw` against `struct`; return its sound keys (a
+    dict without the bad ones), or _BAD when `raw` is not an object at all."""
+    if not isinstance(raw, dict):
+        errors.append(_at(_convert_error(raw, struct), path))
+        return _BAD
+    fields = _fields_of(struct)
+    sound: dict[str, Any] = {}
+    for key, value in raw.items():
+        field = fields.get(key)
+        if field is None:
+            errors.append(f"Object contains unknown field `{key}`{did_you_mean(str(key), fields) or _one_level_down(str(key), struct)} - at `{path}`")
+            continue
+        before = len(errors)
+        checked = _check_value(field.type, value, f"{path}.{key}", errors)
+        # A table keeps its sound keys and a list of tables its sound items (the bad ones
+        # marked, so that indices hold); any other value with an error is left out whole.
+        if len(errors) == before or (checked is not _BAD and _has_tables(field.type)):
+            sound[key] = checked
+    errors.extend(f"Object missing required field `{name}` - at `{path}`" for name, f in fields.items() if f.required and name not in raw)
+    return sound
+
+
+def _check_value(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
+    """Check one value against its type hint: structs key by key, lists item by item, the
+    rest by msgspec. Returns the value (a struct's sound keys; a bad list item as _BAD)."""
+    struct, optional = _struct_in(hint)
+    if struct is not None:
+        if value is None and optional:
+            return None
+        return _check_struct(struct, value, path, errors) if isinstance(value, dict) else _convert(hint, value, path, errors)
+    if typing.get_origin(hint) is list and isinstance(value, list):
+        (item,) = typing.get_args(hint)
+        checked = []
+        for i, element in enumerate(value):
+            before = len(errors)
+            result = _check_value(item, element, f"{path}[{i}]", errors)
+            checked.append(result if len(errors) == before else _BAD)
+        return checked
+    return _convert(hint, value, path, errors)
+
+
+@functools.cache
+def _fields_of(struct: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    # Once per struct: msgspec evaluates the annotations on every call (3 s for 1,500 routes).
+    return {f.name: f for f in msgspec.structs.fields(struct)}
+
+
+def _has_tables(hint: Any) -> bool:
+    """A struct, or a list of them."""
+    if typing.get_origin(hint) is list:
+        hint = typing.get_args(hint)[0]
+    return _struct_in(hint)[0] is not None
+
+
+def _struct_in(hint: Any) -> tuple[type[msgspec.Struct] | None, bool]:
+    """The struct type of `hint` (a Struct, or a Struct | None) and whether None is allowed."""
+    if isinstance(hint, type) and issubclass(hint, msgspec.Struct):
+        return hint, False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        structs = [a for a in args if isinstance(a, type) and issubclass(a, msgspec.Struct)]
+        if len(structs) == 1 and set(args) == {structs[0], type(None)}:
+            return structs[0], True
+    return None, False
+
+
+def _convert(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
+    try:
+        return msgspec.convert(value, hint, **_CONVERT)
+    except msgspec.ValidationError as exc:
+        errors.append(_at(exc, path))
+        return _BAD
+
+
+def _convert_error(raw: Any, hint: Any) -> msgspec.ValidationError:
+    try:
+        msgspec.convert(raw, hint, **_CONVERT)
+    except msgspec.ValidationError as exc:
+        return exc
+    return msgspec.ValidationError("Invalid value")
+
+
+def _at(exc: msgspec.ValidationError, path: str) -> str:
+    """msgspec's message for a value checked on its own, with the value's path in the file."""
+    message = str(exc)
+    if " - at `$" in message:  # a path inside the value: `$[0]` -> `$.routes[1].ports[0]`
+        return message.replace(" - at `$", f" - at `{path}", 1)
+    return f"{message} - at `{path}`"
+
+
+def did_you_mean(key: str, valid: Iterable[str]) -> str:
+    """' (did you mean `name`?)' for the valid key closest to a misspelt one, else ''."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _one_level_down(key: str, struct: type[msgspec.Struct]) -> str:
+    """' (did you mean `tls.mode`?)' for a key of a table inside this one (a route's `mode`)."""
+    for field in _fields_of(struct).values():
+        inner, _ = _struct_in(field.type)
+        if inner is not None and key in inner.__struct_fields__:
+            return f" (did you mean `{field.name}.{key}`?)"
+    return ""
 
 
 def read_config(path: str | pathlib.Path) -> Config:
     """Read a route file (TOML, YAML or JSON by its extension) into its typed structures.
 
-    Raises ConfigError naming the file and the path of each value of the wrong shape. What
-    the shape cannot say (durations, CIDRs, targets, certificates, cross-route rules) is
-    checked when the table is compiled (`triofwd.load_config` does both).
+    Raises ConfigError naming the file and the path of each value of the wrong shape (a
+    ShapeError, with the sound rest of the file). What the shape cannot say (durations,
+    CIDRs, targets, certificates, cross-route rules) is checked when the table is compiled
+    (`triofwd.load_config` does both).
     """
     path = pathlib.Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"cannot read route file: {exc.strerror or exc}"], str(path)) from None
-    config = parse_config(data, path.suffix, str(path))
+    try:
+        config = parse_config(data, path.suffix, str(path))
+    except ShapeError as exc:
+        if exc.sound is not None:
+            _resolve_paths(exc.sound, path.parent)
+        raise
     _resolve_paths(config, path.parent)
     return config
 

@@ -6,17 +6,20 @@ stdlib socket: no trio wrapper, no setsockopt) is handed to `on_accept`, which s
 connection task. Accepted sockets inherit TCP_NODELAY and the kernel keep-alive settings
 from their listening socket, set there once (`configure`) instead of on every connection.
 accept(2) errors of the pending connection are skipped; running out of fds or memory backs
-off, with one warning a burst.
+off, with one warning a burst. A listening socket systemd passed in (socket activation) is
+used for the key bound where it is, instead of a bind, and given back open when its
+listener stops (systemd still listens on it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import math
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import trio
@@ -25,6 +28,7 @@ from . import _rawsock as rawsock
 from ._addresses import ListenKey, format_address
 from ._errors import listen_error
 from ._rawsock import raw_socket
+from ._systemd import PassedSockets
 from ._table import RouteTable
 
 __all__ = ["Listeners", "bind_all", "close_all", "offload_only"]
@@ -68,10 +72,11 @@ class Listener:
 class Listeners:
     """The listening sockets by listener key, each with its accept task in `nursery`."""
 
-    def __init__(self, nursery: trio.Nursery, on_accept: OnAccept, on_error: Callable[[], None]) -> None:
+    def __init__(self, nursery: trio.Nursery, on_accept: OnAccept, on_error: Callable[[], None], passed: PassedSockets | None = None) -> None:
         self._nursery = nursery
         self._on_accept = on_accept
         self._on_error = on_error  # an accept() failure the listener backed off from (counted)
+        self._passed = passed  # sockets systemd passed: given back, not closed, when their listener stops
         self.by_key: dict[ListenKey, list[Listener]] = {}
 
     def listen(self, opened: Opened) -> None:
@@ -114,7 +119,7 @@ class Listeners:
         family = int(raw.family)
         try:
             with entry.scope:
-                async with listener:
+                async with self._held(listener, raw):
                     batch = 0
                     while True:
                         try:
@@ -156,6 +161,16 @@ class Listeners:
                 if not entries:
                     del self.by_key[entry.key]
 
+    @contextlib.asynccontextmanager
+    async def _held(self, listener: trio.SocketListener, raw: socket.socket) -> AsyncIterator[None]:
+        """The listening socket while its accept task runs; then closed, or, if systemd passed
+        it, given back open: systemd listens on it still, and a reload may claim it again."""
+        try:
+            yield
+        finally:
+            if self._passed is None or not self._passed.give_back(raw):
+                await listener.aclose()
+
 
 def _accept_ready(listener: socket.socket, family: int) -> tuple[socket.socket, Any] | None:
     """A connection waiting in the backlog, or None: accept() without trio's checkpoints around
@@ -172,21 +187,33 @@ def offload_only(table: RouteTable) -> set[ListenKey]:
     return {k for k, routes in table.by_listener.items() if all(r.kind == "offload" for r in routes)}
 
 
-def close_all(opened: Opened) -> None:
+def close_all(opened: Opened, keep: Iterable[socket.socket] = ()) -> None:
+    """Close every socket of `opened` but those whose stdlib socket is in `keep` (passed ones, given back)."""
+    kept = {sock.fileno() for sock in keep}
     for sockets in opened.values():
         for sock in sockets:
-            sock.socket.close()
+            if sock.socket.fileno() not in kept:
+                sock.socket.close()
 
 
-async def bind_all(keys: Iterable[ListenKey], optional: set[ListenKey] | None = None) -> Opened:
+async def bind_all(keys: Iterable[ListenKey], optional: set[ListenKey] | None = None, passed: PassedSockets | None = None) -> Opened:
     """Bind every key or none: on the first failure, close what was opened and raise ListenError.
 
-    A key in `optional` that cannot be bound is skipped with a warning instead.
+    A key in `optional` that cannot be bound is skipped with a warning instead. A key that
+    one of the sockets systemd `passed` is bound to gets that socket instead of a bind of
+    its own (socket activation); on failure those go back to `passed`, open.
     """
+    keys = list(keys)
+    # Claimed all at once: a dual-stack [::] socket goes to a "::" key before a "0.0.0.0" one.
+    found = passed.claim((bind, port, "tcp") for bind, port, _ in keys) if passed is not None else {}
     opened: Opened = {}
     try:
         for key in keys:
             bind, port, _ = key
+            sock = found.get((bind, port, "tcp"))
+            if sock is not None:
+                opened[key] = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+                continue
             try:
                 opened[key] = await trio.open_tcp_listeners(port, host=bind)
             except OSError as exc:
@@ -196,6 +223,9 @@ async def bind_all(keys: Iterable[ListenKey], optional: set[ListenKey] | None = 
                     continue
                 raise error from None
     except BaseException:
-        close_all(opened)
+        for sock in found.values():
+            if passed is not None:
+                passed.give_back(sock)
+        close_all(opened, keep=found.values())
         raise
     return opened

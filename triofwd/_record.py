@@ -28,7 +28,8 @@ class Connection:
     started: float  # wall clock (time.time()), for logs
     opened: float  # trio clock, for ages and deadlines
     route: str | None = None
-    target: str | None = None
+    target: str | None = None  # "ip:port" connected to (while connecting: the one tried)
+    destination: str | None = None  # socks5 / http_connect: "host:port" as the client asked for it
     state: str = "accepted"
     bytes_in: int = 0  # client -> target
     bytes_out: int = 0  # target -> client
@@ -74,6 +75,7 @@ class Connection:
             "route": self.route,
             "client": self.client,
             "target": self.target,
+            "destination": self.destination,
             "state": self.state,
             "age_s": round(self.age(now), 3),
             "idle_s": round(self.idle(now), 3),

@@ -16,11 +16,11 @@ import logging
 import socket
 import types
 from collections.abc import Iterator, Mapping
-from typing import IO, Any
+from typing import Any
 
 import trio
 
-from ._accesslog import AccessLog
+from ._accesslog import AccessLog, LineSink
 from ._addresses import ListenKey
 from ._config import Config
 from ._connection import run_connection
@@ -29,6 +29,7 @@ from ._engine import Engine
 from ._listeners import Listeners, Opened, bind_all, close_all, offload_only
 from ._offload import KernelRules, kernel_rules
 from ._record import Connection
+from ._systemd import PassedSockets
 from ._table import RouteTable, as_table
 
 __all__ = ["Forwarder", "serve"]
@@ -50,11 +51,19 @@ class Forwarder:
     """
 
     def __init__(
-        self, table: RouteTable, connections: trio.Nursery, listening: trio.Nursery, access_log: AccessLog | None, kernel: KernelRules, engine: Engine
+        self,
+        table: RouteTable,
+        connections: trio.Nursery,
+        listening: trio.Nursery,
+        access_log: AccessLog | None,
+        kernel: KernelRules,
+        engine: Engine,
+        passed: PassedSockets | None = None,
     ) -> None:
         self._context = ConnectionContext(table, access_log, engine)
-        self._listeners = Listeners(listening, self._accept, self._accept_failed)
+        self._listeners = Listeners(listening, self._accept, self._accept_failed, passed)
         self._kernel = kernel
+        self._passed = passed  # sockets systemd passed that a reload may still claim
         self._connection_nursery = connections
         self._listening = listening
         self._stop = trio.Event()
@@ -147,7 +156,7 @@ class Forwarder:
         table = as_table(config)
         old = self._context.table
         new_keys = [] if self.draining else [k for k in table.by_listener if k not in self._listeners.by_key]
-        opened = await bind_all(new_keys, optional=offload_only(table))  # raises before anything has changed
+        opened = await bind_all(new_keys, optional=offload_only(table), passed=self._passed)  # raises before anything has changed
         try:
             table = await self._kernel.prepare(table)  # the new rules in one nft transaction
         except BaseException:
@@ -194,11 +203,16 @@ class Forwarder:
 async def serve(
     config: Config | RouteTable,
     *,
-    access_log: IO[str] | None = None,
+    access_log: LineSink | None = None,
+    passed: PassedSockets | None = None,
     task_status: trio.TaskStatus[Forwarder] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the forwarder for `config` (compiled here, once; or a RouteTable already compiled)
     until cancelled or shut down.
+
+    `access_log` takes one JSON line per connection (a text file, sys.stdout, or anything
+    with write() and flush()). `passed`: listening sockets systemd passed in (socket
+    activation), each used for the listener bound where it is, now and after a reload.
 
     Use with `nursery.start(serve, config)`: it returns the Forwarder once every port is
     bound; a bad config (ConfigError) or an unbindable port (ListenError) is raised to
@@ -210,13 +224,13 @@ async def serve(
     try:
         async with kernel_rules() as kernel:  # offload rules: installed here, removed on every way out
             table = await kernel.prepare(table)
-            opened = await bind_all(table.by_listener, optional=offload_only(table))
+            opened = await bind_all(table.by_listener, optional=offload_only(table), passed=passed)
             with contextlib.closing(Engine()) as engine:
                 async with trio.open_nursery() as moving:  # the engine outlives every connection
                     moving.start_soon(engine.run, name="triofwd engine")
                     async with trio.open_nursery() as connections:
                         async with trio.open_nursery() as listening:
-                            fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel, engine)
+                            fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel, engine, passed)
                             try:
                                 fwd._start(opened)
                                 log.info("ready", extra={"fields": {"listeners": fwd.addresses}})

@@ -8,6 +8,7 @@ nothing, so callers never ask "are we under systemd?".
     listen_fds()              sd_listen_fds_with_names(3): [(name, socket)], LISTEN_* removed from the environment
     PassedSockets(passed)     hands each passed socket to the listener bound where it is bound:
       .claim(wants)             {(bind, port, protocol): socket} for those of `wants` it serves
+      .give_back(socket)        a claimed socket returned, open (its listener closed), or False
       .unclaimed                [(name, socket)] no listener took yet
     watchdog_interval()       seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None
     watchdog(interval)        a trio task: WATCHDOG=1 from the event loop every `interval`
@@ -28,10 +29,10 @@ How `triofwd serve` uses it:
   STATUS= with the live connection count whenever it is convenient (e.g. every few seconds).
 
 A passed socket is shared with systemd, which keeps it open while triofwd restarts (that
-is the point: connections wait in its backlog instead of being refused). Close it, never
-shutdown() it: shutdown would stop the listening socket for systemd too. For the same
-reason a port cannot be bound here while systemd holds it: a reload that drops a
-socket-activated port closes our copy, and adding the port back needs a restart.
+is the point: connections wait in its backlog instead of being refused). Never shutdown()
+it: that would stop the listening socket for systemd too. A listener that stops (a reload
+dropped its route, a drain) gives its passed socket back, open, rather than closing it: the
+port cannot be bound again while systemd holds it, so a reload that adds it back claims it.
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ class PassedSockets:
 
     def __init__(self, passed: Iterable[tuple[str, socket.socket]]) -> None:
         self._free = [(name, sock, Bound.of(sock)) for name, sock in passed]
+        self._taken: dict[socket.socket, tuple[str, socket.socket, Bound]] = {}
 
     def claim(self, wants: Iterable[Want]) -> dict[Want, socket.socket]:
         """For each (bind, port, protocol) a passed socket serves, that socket, now taken.
@@ -204,9 +206,18 @@ class PassedSockets:
                 for i, (_, sock, bound) in enumerate(self._free):
                     if fit(bound, ip, want[1], want[2]) == rank:
                         found[want] = sock
-                        del self._free[i]
+                        self._taken[sock] = self._free.pop(i)
                         break
         return found
+
+    def give_back(self, sock: socket.socket) -> bool:
+        """Take back a claimed socket, open, for a later claim (its listener closed, or the
+        bind it was claimed for failed). False: `sock` is not one of ours (close it yourself)."""
+        entry = self._taken.pop(sock, None)
+        if entry is None:
+            return False
+        self._free.append(entry)
+        return True
 
     @property
     def unclaimed(self) -> list[tuple[str, socket.socket]]:

@@ -11,6 +11,7 @@ decoded by the command's own struct once `cmd` is known.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -23,6 +24,7 @@ __all__ = [
     "NoArgs",
     "Reply",
     "Request",
+    "RequestId",
     "UNDECODABLE",
     "WatchRequest",
     "decode_request",
@@ -43,10 +45,15 @@ class Request(msgspec.Struct, forbid_unknown_fields=True):
     args: msgspec.Raw = msgspec.Raw(b"{}")
 
 
+# A request's id is an integer; a malformed request's error echoes whatever number or
+# string it named as its id, so that the client can match the error to what it sent.
+RequestId = int | float | str | None
+
+
 class Reply(msgspec.Struct, omit_defaults=True):
     """The answer to one request: `result` when ok, else `error`."""
 
-    id: int | None
+    id: RequestId
     ok: bool
     result: Any = None
     error: str | None = None
@@ -55,7 +62,7 @@ class Reply(msgspec.Struct, omit_defaults=True):
 class IdOnly(msgspec.Struct):
     """Enough of a bad request to answer it under its id, when it has one."""
 
-    id: int | None = None
+    id: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +117,24 @@ def decode_request(data: bytes) -> Request:
     return _request_decoder.decode(data)
 
 
-def salvage_id(data: bytes) -> int | None:
-    """The id of a request too malformed to decode, when it has one, to answer it under."""
+# The id of a message that is not JSON (cut short, say), where the object starts with it:
+# '{"id": 7, "cmd": ...' or '{"id": "a-7", ...'. Anywhere else it cannot be told apart
+# from a string that merely looks like one.
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")\s*[,}]', re.DOTALL)
+
+
+def salvage_id(data: bytes) -> RequestId:
+    """The id of a request too malformed to decode, when it has one, to answer it under:
+    a number or a string (of any request that is JSON, or that starts with its id)."""
     try:
-        return _id_decoder.decode(data).id
+        found = _id_decoder.decode(data).id
     except UNDECODABLE:
-        return None
+        match = _LEADING_ID.match(data)
+        if match is None:
+            return None
+        try:
+            found = msgspec.json.decode(match[1])
+        except UNDECODABLE:
+            return None
+    # bool is an int to Python, not an id to anyone.
+    return found if isinstance(found, int | float | str) and not isinstance(found, bool) else None

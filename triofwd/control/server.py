@@ -122,7 +122,7 @@ class ControlServer:
     async def dispatch(self, data: bytes) -> Reply | WatchRequest:
         """The reply to one request message; a valid `watch` request is handed back to the session."""
         if len(data) > MAX_REQUEST_BYTES:
-            return Reply(None, False, error=f"request too large: {len(data)} bytes (limit {MAX_REQUEST_BYTES})")
+            return Reply(salvage_id(data), False, error=f"request too large: {len(data)} bytes (limit {MAX_REQUEST_BYTES})")
         try:
             request = decode_request(data)
         except UNDECODABLE as exc:
