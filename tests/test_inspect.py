@@ -226,3 +226,14 @@ def test_top_frame_sorts_by_throughput_since_the_last_frame() -> None:
 def test_human_units() -> None:
     assert [inspector.human_bytes(n) for n in (0, 1023, 1536, 5 * 2**30)] == ["0 B", "1023 B", "1.5 KiB", "5.0 GiB"]
     assert [inspector.human_duration(s) for s in (0.25, 59, 95, 3 * 3600 + 120, 2 * 86400 + 3600)] == ["0.2s", "59s", "1m35s", "3h02m", "2d01h"]
+
+
+def test_a_dynamic_destination_shows_what_was_asked_for_and_what_was_reached() -> None:
+    """socks5 / http_connect rows: the destination the client named, the address connected
+    to in brackets; other rows: the target alone."""
+    row = {"id": 3, "route": "socks", "client": "127.0.0.1:5000", "target": "127.0.0.1:8080", "state": "established",
+           "age_s": 1.0, "idle_s": 0.0, "bytes_in": 10, "bytes_out": 20, "reason": None}  # fmt: skip
+    [_, plain] = inspector.format_connections([row])
+    [_, dynamic] = inspector.format_connections([{**row, "destination": "db.internal:8080"}])
+    assert plain.split()[3] == "127.0.0.1:8080"
+    assert dynamic.split()[3:5] == ["db.internal:8080", "(127.0.0.1:8080)"]

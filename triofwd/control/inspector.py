@@ -94,13 +94,22 @@ def _connection_cells(row: Mapping[str, Any], *middle: Any) -> list[Any]:
         r["id"],
         r["route"],
         r["client"],
-        r["target"],
+        _where_to(r),
         *middle,
         human_duration(r["age_s"]),
         human_duration(r["idle_s"]),
         human_bytes(r["bytes_in"]),
         human_bytes(r["bytes_out"]),
     ]
+
+
+def _where_to(row: Mapping[str, Any]) -> Any:
+    """The target; for a socks5 / http_connect route, the destination the client asked for,
+    with the address connected to in brackets."""
+    destination, target = row.get("destination"), row.get("target")
+    if not destination:
+        return target
+    return f"{destination} ({target})" if target and target != destination else destination
 
 
 def format_connections(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -182,7 +191,7 @@ def format_reload(change: Mapping[str, Sequence[str]]) -> list[str]:
 
 def format_event(event: Mapping[str, Any], now: datetime.datetime | None = None) -> str:
     clock = (now or datetime.datetime.now()).strftime("%H:%M:%S")
-    where = f"#{event['id']} {event.get('route') or '-'} {event['client']} -> {event.get('target') or '-'}"
+    where = f"#{event['id']} {event.get('route') or '-'} {event['client']} -> {_where_to(event) or '-'}"
     if event["event"] == "open":
         return f"{clock} open  {where}"
     return (
