@@ -9,14 +9,17 @@ An idle connection wakes once per idle window, a busy one never.
     standard   last activity + inactivity_timeout
     immortal   no inactivity limit (max_lifetime still holds: it is the connection's scope)
     extended   idle for inactivity_timeout x keepalive_multiplier: one warning is logged, then
-               a grace period of inactivity_timeout from the warning; traffic starts it over
+               a grace period of inactivity_timeout from the warning (or from data the kernel
+               moved since, if later); the program's own traffic starts the watch over
     half-close the first EOF + half_close_timeout, whatever the traffic
 
 Bytes are activity when they are handed to the kernel; but a reader slower than the
 forwarder has megabytes of them queued in the kernel, going out as it reads, long after the
-last send. So when a quiet limit seems passed, the kernel is asked (TCP_INFO) when it last
-sent data on either socket, and that counts as activity too: a download read slowly is
-never cut, a reader that stopped (no data can go out to it) is.
+last send, and bytes that came in may wait to be read by a busy process. So when a quiet
+limit seems passed, the kernel is asked (TCP_INFO) when it last sent or received data on
+either socket, and that counts as activity too: a download read slowly is never cut, a
+reader that stopped (no data can go out to it) is, and a limit judged late never cuts a
+connection whose bytes came in time.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import trio
 
 from ._policy import Policy
-from ._rawsock import sent_ago
+from ._rawsock import data_ago
 from ._reasons import Reason
 from ._record import Connection
 
@@ -41,7 +44,7 @@ log = logging.getLogger("triofwd.connection")
 class IdleWatch:
     """The quiet limits of one connection's traffic, and the wait that keeps them."""
 
-    __slots__ = ("conn", "grace", "half_deadline", "half_window", "scope", "warn_after", "warned_at", "window")
+    __slots__ = ("conn", "grace", "half_deadline", "half_window", "kernel_last", "scope", "warn_after", "warned_at", "window")
 
     def __init__(self, conn: Connection, policy: Policy) -> None:
         self.conn = conn
@@ -51,6 +54,10 @@ class IdleWatch:
         self.half_window = policy.half_close_timeout
         self.half_deadline = math.inf
         self.warned_at: float | None = None
+        # When the kernel last moved data on the connection's sockets, as last asked (see
+        # `_passed`): it delays a quiet limit, but only the program's own traffic
+        # (conn.last_activity) starts an extended keepalive's watch over.
+        self.kernel_last = -math.inf
         self.scope: trio.CancelScope | None = None
 
     def half_closed(self, now: float) -> None:
@@ -86,9 +93,9 @@ class IdleWatch:
                 return reason
 
     def _deadline(self) -> float:
-        last = self.conn.last_activity
+        last = max(self.conn.last_activity, self.kernel_last)
         if self.warn_after != math.inf:
-            quiet = last + self.warn_after if self.warned_at is None else self.warned_at + self.grace
+            quiet = last + self.warn_after if self.warned_at is None else max(self.warned_at, last) + self.grace
         else:
             quiet = last + self.window
         return min(quiet, self.half_deadline)
@@ -97,16 +104,16 @@ class IdleWatch:
         """A deadline passed: the reason to end with, or None to wait on (there was traffic)."""
         if now >= self.half_deadline:
             return Reason.HALF_CLOSE_TIMEOUT
-        last = self.conn.last_activity
+        stamped = self.conn.last_activity
         for sock in sockets:
-            last = max(last, now - sent_ago(sock))  # bytes queued before, going out since
-        self.conn.last_activity = last
+            self.kernel_last = max(self.kernel_last, now - data_ago(sock))  # bytes the kernel moved that the program has not seen move
+        last = max(stamped, self.kernel_last)
         # Each limit compared as `_deadline` computes it (last + window, not now - last): in
         # floating point the two can disagree, and a deadline that came but is not "passed"
         # would be re-armed at the same moment, for ever.
         if self.warn_after == math.inf:
             return Reason.INACTIVITY_TIMEOUT if now >= last + self.window else None
-        if self.warned_at is not None and last > self.warned_at:
+        if self.warned_at is not None and stamped > self.warned_at:
             self.warned_at = None  # traffic since the warning: the watch starts over
         if self.warned_at is None:
             if now >= last + self.warn_after:
@@ -118,4 +125,4 @@ class IdleWatch:
                     self.grace,
                 )
             return None
-        return Reason.INACTIVITY_TIMEOUT if now >= self.warned_at + self.grace else None
+        return Reason.INACTIVITY_TIMEOUT if now >= max(self.warned_at, last) + self.grace else None

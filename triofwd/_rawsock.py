@@ -14,7 +14,7 @@ import struct
 
 import trio
 
-__all__ = ["closing", "connect", "raw_socket", "receive_some", "send_all", "sent_ago", "set_tcp_keepalive"]
+__all__ = ["closing", "connect", "raw_socket", "receive_some", "send_all", "data_ago", "set_tcp_keepalive"]
 
 # Per call, so a socket needs no fcntl to be non-blocking (accepted sockets stay as accept
 # made them until something needs O_NONBLOCK).
@@ -24,8 +24,9 @@ FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 KEEPALIVE_PROBE_DIVISOR = 4
 KEEPALIVE_PROBES = 4
 # struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_last_data_sent is the
-# tenth u32 (milliseconds since the kernel last sent a segment with data).
-_TCP_INFO_LAST_DATA_SENT = struct.Struct("=44xI")  # 8 bytes of u8s and 9 u32s skipped
+# tenth u32 and tcpi_last_data_recv the twelfth (milliseconds since the kernel last sent,
+# and last received, a segment with data).
+_TCP_INFO_LAST_DATA = struct.Struct("=44xI4xI")  # 8 bytes of u8s and 9 u32s skipped; last_ack_sent skipped
 
 
 def raw_socket(sock: trio.socket.SocketType) -> socket.socket:
@@ -90,15 +91,16 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
-def sent_ago(sock: socket.socket) -> float:
-    """Seconds since the kernel last sent data on `sock` (inf when it cannot tell): bytes
-    handed over earlier still going out, as a slow reader opens its window."""
+def data_ago(sock: socket.socket) -> float:
+    """Seconds since the kernel last sent or received data on `sock` (inf when it cannot
+    tell): bytes handed over earlier still going out as a slow reader opens its window, and
+    bytes that came in and wait to be read, are traffic the program has not seen yet."""
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LAST_DATA_SENT.size)
-        (ms,) = _TCP_INFO_LAST_DATA_SENT.unpack_from(info)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LAST_DATA.size)
+        sent, received = _TCP_INFO_LAST_DATA.unpack_from(info)
     except (OSError, struct.error):
         return float("inf")
-    return float(ms) / 1000
+    return float(min(sent, received)) / 1000
 
 
 def set_tcp_keepalive(sock: socket.socket, idle: float) -> None:
