@@ -25,7 +25,8 @@ run: $(STAMP)
 	$(PY) -m triofwd serve routes/demo.toml --access-log - --control .triofwd-demo.sock --metrics 127.0.0.1:9090
 
 # Kernel-feature tests (nftables in a network namespace) need nft and ip, the status page's
-# browser test Chromium, the log-rotation test logrotate; as root on Debian, install them,
+# browser test Chromium, the log-rotation test logrotate, the UDP routes' DNS test dnsmasq
+# (dnsmasq-base: the program without a system service) and dig; as root on Debian, install them,
 # otherwise those tests skip with their reason.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { command -v nft && command -v ip; } >/dev/null; then \
@@ -36,6 +37,11 @@ system-deps:
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -n "$$missing" ]; then \
 		echo "installing" $$missing "for the browser and log-rotation tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || echo "could not install $$missing: their tests will skip"; \
+	fi
+	@missing=$$(command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || echo dnsmasq-base; command -v dig >/dev/null || echo bind9-dnsutils); \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -n "$$missing" ]; then \
+		echo "installing" $$missing "for the DNS test of UDP routes"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || echo "could not install $$missing: its tests will skip"; \
 	fi
 
 # ruff (lint, and the formatter's check on the package) and mypy --strict on triofwd/:

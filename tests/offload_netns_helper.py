@@ -15,6 +15,8 @@ Scenarios:
     daemon    the real daemon: offload traffic, SIGHUP reload, SIGTERM, SIGKILL + restart
     loonly    a namespace with loopback addresses only: a masqueraded offload route and
               one with preserve_source_ip, both to a 127.0.0.1 target
+    udp       a `protocol = "udp"` offload route: datagrams DNATed by the kernel (no
+              session in triofwd), its counters, a reload to the other target, exit
 
 Backends: each listens on 127.0.0.1:PORT, sends "PORT\\n" at once, then echoes until
 EOF, so a client knows which target the kernel (or triofwd) chose.
@@ -505,9 +507,7 @@ def daemon(workdir: Path) -> dict[str, Any]:
     routefile = workdir / "routes.toml"
 
     def write(target: int, action: str = "offload") -> None:
-        routefile.write_text(
-            ROUTEFILE.format(host=HOST, offload=OFFLOAD_PORT, forward=FORWARD_PORT, target=target, plain=TARGET_A, action=action)
-        )
+        routefile.write_text(ROUTEFILE.format(host=HOST, offload=OFFLOAD_PORT, forward=FORWARD_PORT, target=target, plain=TARGET_A, action=action))
 
     out: dict[str, Any] = {}
     started: list[Daemon] = []
@@ -574,6 +574,65 @@ def daemon(workdir: Path) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ UDP
+
+
+def start_udp_backend(port: int) -> None:
+    """A UDP server on 127.0.0.1:port answering each datagram with "PORT:" and the datagram."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, port))
+
+    def loop() -> None:
+        while True:
+            data, peer = sock.recvfrom(65536)
+            sock.sendto(f"{port}:".encode() + data, peer)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def udp_call(port: int, payload: bytes = b"ping") -> str:
+    """Send one datagram to 127.0.0.1:port from a new socket (a new flow): the answering
+    backend's port, or "error: ..." (no answer)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(SOCKET_TIMEOUT_S)
+        try:
+            sock.sendto(payload, (HOST, port))
+            data = sock.recv(65536)
+        except OSError as exc:
+            return f"error: {type(exc).__name__}: {exc}"
+    tag, _, echoed = data.partition(b":")
+    return tag.decode() if echoed == payload else f"error: echoed {echoed!r}"
+
+
+async def udp() -> dict[str, Any]:
+    import trio
+
+    import triofwd
+
+    def config(target: int) -> Any:
+        return triofwd.Config(
+            routes=[triofwd.Route(name="dns", protocol="udp", ports=[OFFLOAD_PORT], bind=HOST, action="offload", targets=[f"{HOST}:{target}"])]
+        )
+
+    out: dict[str, Any] = {}
+    start_udp_backend(TARGET_A)
+    start_udp_backend(TARGET_B)
+    with trio.fail_after(EMBEDDED_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            fwd = await nursery.start(lambda task_status: triofwd.serve(config(TARGET_A), task_status=task_status))
+            out["tables_running"] = triofwd_tables()
+            out["ruleset"] = ruleset()
+            out["calls"] = [await trio.to_thread.run_sync(udp_call, OFFLOAD_PORT) for _ in range(3)]
+            out["sessions"] = len(fwd.connections)
+            out["counters"] = await fwd.read_offload_counters()
+            await fwd.reload(config(TARGET_B))
+            out["after_reload"] = await trio.to_thread.run_sync(udp_call, OFFLOAD_PORT)
+            out["ruleset_after_reload"] = ruleset()
+            nursery.cancel_scope.cancel()
+    out["tables_after_exit"] = triofwd_tables()
+    return out
+
+
 # ------------------------------------------------------------------ entry point
 
 
@@ -600,6 +659,10 @@ def main() -> dict[str, Any]:
         import trio
 
         return trio.run(loonly)
+    if scenario == "udp":
+        import trio
+
+        return trio.run(udp)
     raise SystemExit(f"unknown scenario {scenario!r}")
 
 

@@ -496,6 +496,7 @@ max_connections_per_ip = 0
 connection_rate_per_ip = "0"
 shutdown_grace         = "30s"
 trusted_proxies        = []
+workers                = 1
 
 [[routes]]
 name       = "ssh"
@@ -505,6 +506,7 @@ priority   = 0
 domains    = []
 client_ips = []
 block_ips  = []
+protocol   = "tcp"
 action     = "forward"
 targets    = ["10.0.0.5:22", "[::1]:22", "db.internal:5432"]
 balance    = "round-robin"
@@ -520,6 +522,7 @@ health_check = { interval = "5s", timeout = "1s", rise = 2, fall = 3, send = "PI
 circuit_breaker = { failures = 5, backoff = "1s", max_backoff = "5m" }
 destinations = []
 users      = []
+responses  = 0
 connect_timeout        = "3s"
 initial_data_timeout   = "5s"
 inactivity_timeout     = "2h"

@@ -308,7 +308,7 @@ async def test_routes_lists_the_table_with_listeners_and_active_counts(tmp_path:
                 web, closed = await control.request("routes")
                 listening = fwd.addresses["web"]
     assert listening and web == {
-        "name": "web", "action": "forward", "bind": "127.0.0.1", "ports": [0], "targets": [target], "balance": "round-robin",
+        "name": "web", "action": "forward", "protocol": "tcp", "bind": "127.0.0.1", "ports": [0], "targets": [target], "balance": "round-robin",
         "priority": 0, "listening": listening, "active": 1, "target_state": [{
             "target": target, "active": 1, "warm": 0, "up": True, "circuit": "closed", "usable": True, "consecutive_failures": 0,
             "failures_total": 0, "circuit_opens_total": 0, "backoff_s": 0.0, "retry_in_s": 0.0, "checks_passed": 0,

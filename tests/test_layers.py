@@ -25,11 +25,11 @@ LAYERS: dict[str, int] = {
     ),
     **dict.fromkeys(["_limits", "_balance", "_tls", "_table"], 1),
     **dict.fromkeys(
-        ["_record", "_splice", "_firstbytes", "_connect", "_dial", "_targets", "_idle", "_engine", "_pump", "_accesslog", "_stats", "_status", "_context", "_dynamic", "_actions", "_connection"], 2
+        ["_record", "_splice", "_firstbytes", "_connect", "_dial", "_targets", "_idle", "_datagrams", "_engine", "_pump", "_accesslog", "_stats", "_status", "_context", "_dynamic", "_actions", "_connection"], 2
     ),
-    **dict.fromkeys(["_listeners", "_offload", "_server"], 3),
+    **dict.fromkeys(["_listeners", "_offload", "_server", "_reuseport"], 3),
     **dict.fromkeys(
-        ["control", "control.messages", "control.socketfile", "control.server", "control.client", "control.inspector", "_metrics_http", "_cli", "__main__", "__init__"], 4
+        ["control", "control.messages", "control.socketfile", "control.server", "control.client", "control.inspector", "control.workers", "_metrics_http", "_worker", "_upgrade", "_supervisor", "_cli", "__main__", "__init__"], 4
     ),
 }
 

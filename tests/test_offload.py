@@ -105,6 +105,11 @@ def loonly(netns: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     return netns("loonly")
 
 
+@pytest.fixture(scope="module")
+def udp(netns: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    return netns("udp")
+
+
 def reached(call: dict[str, Any], target: str) -> None:
     """The client got the backend's greeting and its whole payload echoed back."""
     assert call["tag"] == target, call
@@ -454,3 +459,21 @@ def test_preserve_source_ip_works_with_loopback_addresses_only(loonly: dict[str,
 
 def test_masquerade_works_with_loopback_addresses_only(loonly: dict[str, Any]) -> None:
     reached(loonly["masquerade"], TARGET_A)
+
+
+# ------------------------------------------------------------------ UDP routes
+
+
+def test_udp_offload_datagrams_go_through_the_kernel(udp: dict[str, Any]) -> None:
+    assert udp["tables_running"] == 1
+    assert "udp dport @ports_dns" in udp["ruleset"] and "ct protocol udp" in udp["ruleset"], udp["ruleset"]
+    assert udp["calls"] == [TARGET_A] * 3, udp["calls"]
+    assert udp["sessions"] == 0  # no session in user space: the kernel forwarded them
+    packets, nbytes = udp["counters"]["dns"]
+    assert packets >= 6 and nbytes > 0  # three datagrams each way at least
+
+
+def test_udp_offload_reload_and_exit(udp: dict[str, Any]) -> None:
+    assert udp["after_reload"] == TARGET_B, udp
+    only_target(udp["ruleset_after_reload"], TARGET_B, TARGET_A)
+    assert udp["tables_after_exit"] == 0

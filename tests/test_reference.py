@@ -143,7 +143,11 @@ def full_snapshot() -> dict[str, Any]:
     target = {"target": "127.0.0.1:1", "up": True, "circuit": "closed", "failures_total": 0, "circuit_opens_total": 0, "checks_passed": 1, "checks_failed": 0, "active": 1, "warm": 0}
     return {
         "accept_errors": 0,
-        "routes": {"web": route, "db": {**route, "offload": {"packets": 5, "bytes": 6}}},
+        "routes": {
+            "web": route,
+            "db": {**route, "offload": {"packets": 5, "bytes": 6}},
+            "dns": {**route, "udp": {"datagrams_in": 7, "datagrams_out": 7, "drops": {"capacity": 1}}},
+        },
         "targets": {"web": [target]},
     }
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, Protocol
 
 import msgspec
 
 from ._log import iso_utc
-
-if TYPE_CHECKING:
-    from ._record import Connection
+from ._record import Connection, Session
 
 __all__ = ["AccessLog", "AccessLogFile", "AccessRecord", "LineSink"]
 
@@ -28,8 +26,9 @@ log = logging.getLogger("triofwd.accesslog")
 WARN_INTERVAL = 10.0
 
 
-class AccessRecord(msgspec.Struct, kw_only=True):
-    """One access log line: the README's "Access log" fields."""
+class AccessRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One access log line: the README's "Access log" fields; a UDP session's line also has
+    `protocol` ("udp") and its datagrams each way (a TCP connection's has neither)."""
 
     ts: str
     id: int
@@ -43,6 +42,9 @@ class AccessRecord(msgspec.Struct, kw_only=True):
     bytes_in: int
     bytes_out: int
     reason: str
+    protocol: str = "tcp"
+    datagrams_in: int | None = None
+    datagrams_out: int | None = None
 
 
 class LineSink(Protocol):
@@ -109,6 +111,8 @@ class AccessLog:
             bytes_out=conn.bytes_out,
             reason=str(conn.reason),
         )
+        if isinstance(conn, Session):
+            record.protocol, record.datagrams_in, record.datagrams_out = conn.protocol, conn.datagrams_in, conn.datagrams_out
         # One write per line, flushed: a reader (or a crash) never sees half a line.
         try:
             self.file.write(self._encoder.encode(record).decode() + "\n")

@@ -16,22 +16,26 @@ import trio
 
 from . import _rawsock as rawsock
 from ._context import ConnectionContext
+from ._datagrams import Flow, dial_datagrams
 from ._dial import dial
 from ._dynamic import read_http_connect, read_socks5, resolve
 from ._endings import deadline_means, failure_means
 from ._errors import ConnectionEnded
 from ._firstbytes import FirstBytes
+from ._idle import IdleWatch
 from ._proxy_protocol import encode_v1, encode_v2
 from ._pump import ReplayStream, Traffic, TrafficStream, relay
 from ._reasons import Reason
-from ._record import Connection
+from ._record import Connection, Session
 from ._table import CompiledRoute
 from ._targets import RouteTargets
 from ._tls import handshake
 
-__all__ = ["ACTIONS", "HandlerInfo"]
+__all__ = ["ACTIONS", "UDP_ACTIONS", "HandlerInfo"]
 
 Action = Callable[[ConnectionContext, Connection, socket.socket, CompiledRoute, FirstBytes], Awaitable[None]]
+# What a UDP route does with a session (its flow in the datagram mover).
+SessionAction = Callable[[ConnectionContext, Session, Flow, CompiledRoute], Awaitable[None]]
 # The TLS this end speaks, made of the dialed target: (the client side, the target side).
 Secure = Callable[[socket.socket], Awaitable[tuple[trio.abc.Stream, trio.abc.Stream]]]
 # What the client is told once its target is connected (socks5, http_connect).
@@ -245,4 +249,35 @@ ACTIONS: dict[str, Action] = {
     "handler": handle,
     "reject": reject,
     "offload": offloaded,
+}
+
+
+async def forward_datagrams(ctx: ConnectionContext, conn: Session, flow: Flow, route: CompiledRoute) -> None:
+    """A UDP session: a socket connected to a target (balanced, held in the balancer while the
+    session lasts), handed to the datagram mover, which moves the flow's datagrams both ways
+    and ends it (responses, an ICMP error); the task meanwhile keeps the quiet limits."""
+    targets = ctx.targets.for_route(route)
+    sock, index = await dial_datagrams(conn, route, targets)
+    with targets.balancer.hold(index):
+        ctx.engine.datagrams.attach(flow, sock, route.responses)  # from here the flow owns sock
+        conn.state = "established"
+        quiet = await IdleWatch(conn, route.policy).wait(flow.wait)
+    if quiet is not None:
+        raise ConnectionEnded(quiet)
+
+
+async def reject_datagrams(ctx: ConnectionContext, conn: Session, flow: Flow, route: CompiledRoute) -> None:
+    raise ConnectionEnded(Reason.REJECTED)
+
+
+async def offloaded_datagrams(ctx: ConnectionContext, conn: Session, flow: Flow, route: CompiledRoute) -> None:
+    """The kernel should have taken this flow; one that reaches us ends at once, and its
+    datagrams are dropped and counted for a while (the refusal is remembered)."""
+    raise ConnectionEnded(Reason.OFFLOADED)
+
+
+UDP_ACTIONS: dict[str, SessionAction] = {
+    "forward": forward_datagrams,
+    "reject": reject_datagrams,
+    "offload": offloaded_datagrams,
 }

@@ -9,15 +9,23 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-__all__ = ["IPAddress", "IPNetwork", "ListenKey", "client_address", "format_address", "in_any"]
+__all__ = ["UDP_OWNER", "IPAddress", "IPNetwork", "ListenKey", "client_address", "format_address", "in_any", "is_udp"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # (bind address, port, owner). owner is "" for a port shared by every route that names
 # it; for port 0 it is the route's name, because each such route gets its own
-# ephemeral port (what tests and embedders use).
+# ephemeral port (what tests and embedders use). A UDP listener's owner ends with
+# UDP_OWNER ("/udp" for a shared port, "name/udp" for port 0): route names cannot hold a
+# "/", so a TCP and a UDP listener on the same address and port are two keys.
 ListenKey = tuple[str, int, str]
+UDP_OWNER = "/udp"
+
+
+def is_udp(key: ListenKey) -> bool:
+    """The listener receives datagrams (a `protocol = "udp"` route's), not connections."""
+    return key[2].endswith(UDP_OWNER)
 
 
 def format_address(address: tuple[object, ...]) -> str:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
 import resource
 import signal
 import socket
@@ -26,14 +27,17 @@ from triofwd import __version__
 from . import _systemd as systemd
 from ._accesslog import AccessLogFile, LineSink
 from ._addresses import format_address
-from ._config import Settings, ShapeError
+from ._config import Settings, ShapeError, worker_count
 from ._errors import ConfigError, ListenError
 from ._log import setup_logging
 from ._metrics_http import bind_metrics, serve_metrics_on, status_json
 from ._offload import ruleset_text
 from ._schema import schema_text
 from ._server import Forwarder, serve
+from ._supervisor import supervise
 from ._table import compile_table, load_table
+from ._upgrade import take_over
+from ._worker import die_with, serve_worker, tag_logs, worker_spec
 from .control import ControlServer, bind_control_socket, inspector, metrics_text
 
 __all__ = ["main"]
@@ -48,6 +52,10 @@ GC_THRESHOLDS = (50_000, 20, 100)
 FD_RESERVE = 64
 # How often systemd's STATUS= line (the live connection count) is brought up to date.
 STATUS_EVERY = 2.0
+# After an upgrade (SIGUSR2) the control socket's file and the metrics port are the new
+# generation's: what would remove or close them is kept here and never run, and the process
+# ends with os._exit (a context manager made from a generator runs its cleanup when collected).
+_HANDED_OVER: list[contextlib.ExitStack] = []
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         print(schema_text(), end="")
         return 0
     setup_logging(args.log_level, args.log_format)
+    if (spec := worker_spec()) is not None:  # started by a supervisor (workers > 1)
+        tag_logs(spec.number)
+        die_with(spec.parent)
+        _raise_fd_limit(0)  # up to the hard limit: its share of max_connections is not known yet
+        _tune_gc()
+        return trio.run(serve_worker, args, spec)
     try:
         # First, before anything can start a child process: the sockets are made
         # close-on-exec and LISTEN_* leave the environment.
@@ -89,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     _tune_gc()
     try:
-        return trio.run(_serve, args, passed, watchdog)
+        code = trio.run(_serve, args, passed, watchdog)
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
+    if _HANDED_OVER:  # nothing of this process may remove what the new generation serves on
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def _check(path: str, show_nft: bool) -> int:
@@ -221,12 +240,28 @@ async def _serve(args: argparse.Namespace, passed: systemd.PassedSockets, watchd
             # The control socket and the metrics port are bound before the forwarder's
             # ports, so that when `ready` is logged every listener is there.
             try:
-                control = resources.enter_context(bind_control_socket(args.control)) if args.control else None
-                metrics = await bind_metrics(*metrics_address) if metrics_address else None
+                handed = take_over()  # SIGUSR2 started this process: the running one's sockets, not bound again
+                if handed is not None and worker_count(config.settings.workers) == 1:
+                    return _fail("upgrade: the route file now says workers = 1; an upgrade needs workers > 1")
+                if handed is not None and handed.control is not None:
+                    control: trio.SocketListener | None = trio.SocketListener(trio.socket.from_stdlib_socket(handed.control))
+                else:
+                    control = resources.enter_context(bind_control_socket(args.control)) if args.control else None
+                if handed is not None and handed.metrics:
+                    metrics: list[trio.SocketListener] | None = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in handed.metrics]
+                else:
+                    metrics = await bind_metrics(*metrics_address) if metrics_address else None
             except ListenError as exc:
                 return _fail(str(exc))
             for listener in metrics or ():
                 resources.callback(listener.socket.close)
+            if (count := worker_count(config.settings.workers)) > 1:
+                if passed.unclaimed:
+                    return _fail("socket activation (LISTEN_FDS) needs [settings] workers = 1")
+                try:
+                    return await supervise(args, table, count, control, metrics, signals, watchdog, handed, lambda: _HANDED_OVER.append(resources.pop_all()))
+                except ListenError as exc:  # a port, or the offload rules: nothing has started
+                    return _fail(str(exc))
             async with trio.open_nursery() as nursery:
                 try:
                     fwd: Forwarder = await nursery.start(lambda task_status: serve(table, access_log=access_log, passed=passed, task_status=task_status))

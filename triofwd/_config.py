@@ -14,6 +14,7 @@ import difflib
 import functools
 import ipaddress
 import math
+import os
 import pathlib
 import re
 import types
@@ -37,6 +38,7 @@ __all__ = [
     "User",
     "parse_config",
     "read_config",
+    "worker_count",
 ]
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -50,9 +52,13 @@ Duration = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": DURATION_PA
 Rate = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": RATE_PATTERN})]  # "300/min" | "10/5s" | "0"
 Keepalive = Literal["standard", "immortal", "extended"]
 Action = Literal["forward", "bridge", "offload", "reject", "handler", "socks5", "http_connect"]
+Protocol = Literal["tcp", "udp"]
 Balance = Literal["round-robin", "least-connections", "random", "first"]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
+# Worker processes: a number, or "auto" for one per CPU this process may run on. ("auto" by
+# a pattern, not a Literal: a Literal in a union would make the table check the key as a choice.)
+Workers = PositiveInt | Annotated[str, msgspec.Meta(pattern="^auto$")]
 
 
 class _Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, weakref=True):
@@ -75,6 +81,7 @@ class Settings(_Struct):
     connection_rate_per_ip: Rate = "0"
     shutdown_grace: Duration = "30s"
     trusted_proxies: list[str] = []
+    workers: Workers = 1
 
 
 class TLS(_Struct):
@@ -126,6 +133,7 @@ class Route(_Struct):
     domains: list[str] = []
     client_ips: list[str] = []
     block_ips: list[str] = []
+    protocol: Protocol = "tcp"
     action: Action = "forward"
     targets: list[str] = []
     balance: Balance = "round-robin"
@@ -145,6 +153,9 @@ class Route(_Struct):
     # "*.example.com:ports"), and who may ask (empty: no authentication).
     destinations: list[str] = []
     users: list[User] = []
+    # protocol = "udp": a session ends after this many replies from its target (0: its
+    # inactivity_timeout governs).
+    responses: Count = 0
     # Per-route overrides of [settings]; None means "as in [settings]".
     connect_timeout: Duration | None = None
     initial_data_timeout: Duration | None = None
@@ -439,6 +450,11 @@ def parse_rate(text: str) -> tuple[int, float] | None:
     if per <= 0:
         raise ValueError(f"invalid rate {text!r}: the period must be longer than zero")
     return int(m.group(1)), per
+
+
+def worker_count(workers: int | str) -> int:
+    """How many worker processes `[settings] workers` asks for: "auto" is one per usable CPU."""
+    return len(os.sched_getaffinity(0)) if workers == "auto" else int(workers)
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

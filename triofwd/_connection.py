@@ -24,18 +24,19 @@ from typing import Any
 
 import trio
 
-from ._actions import ACTIONS
+from ._actions import ACTIONS, UDP_ACTIONS
 from ._addresses import ListenKey
 from ._context import ConnectionContext
+from ._datagrams import Flow
 from ._endings import deadline_at, leaves, reason_of
 from ._errors import ConnectionEnded
 from ._firstbytes import FirstBytes, SocketReceiver, read_client_hello, read_proxy_header
 from ._limits import Places
 from ._reasons import Reason
-from ._record import Connection
+from ._record import Connection, Session
 from ._table import CompiledRoute, RouteTable
 
-__all__ = ["Connection", "run_connection"]
+__all__ = ["Connection", "run_connection", "run_session"]
 
 log = logging.getLogger("triofwd.connection")
 
@@ -84,6 +85,47 @@ async def run_connection(ctx: ConnectionContext, sock: socket.socket, peer: tupl
             raise escaping from None
     finally:
         sock.close()  # without an await: nothing on its way out is replaced
+        ctx.closed(conn)
+
+
+async def run_session(ctx: ConnectionContext, flow: Flow) -> None:
+    """The whole life of one UDP session (a client flow's first datagram has come), with
+    the same scopes and the same one-reason ending as a connection: route, limits, then
+    the route's action; leaving, the session's socket closes and its end is recorded."""
+    now = trio.current_time()
+    conn = flow.conn = Session(
+        id=ctx.next_id(),
+        client_ip=str(flow.client[0]),
+        client_port=int(flow.client[1]),
+        listener=flow.listener.key,
+        started=time.time(),
+        opened=now,
+        last_activity=now,
+    )
+    ctx.opened(conn)
+    try:
+        table = ctx.table  # the table at its first datagram; a reload does not move a live session
+        found = table.match(conn.listener, conn.client_ip)
+        route = found if isinstance(found, CompiledRoute) else None
+        if route is not None:
+            conn.route = route.name
+        conn.scope = trio.CancelScope(deadline=now + (route or table).policy.max_lifetime)
+        with conn.scope, Places(ctx.gate) as places:
+            places.client(conn.client_ip, now)
+            if route is None:
+                raise ConnectionEnded(found if isinstance(found, Reason) else Reason.NO_ROUTE)
+            places.route(ctx.route_gate(route), now)
+            await UDP_ACTIONS[route.kind](ctx, conn, flow, route)
+        if conn.scope.cancelled_caught:
+            conn.settle(Reason.LIFETIME_EXCEEDED)
+    except BaseException as exc:
+        escaping = _settle_from(conn, exc)
+        if escaping is exc:
+            raise
+        if escaping is not None:
+            raise escaping from None
+    finally:
+        ctx.engine.datagrams.forget(flow)  # its socket closes; a refused flow is remembered
         ctx.closed(conn)
 
 

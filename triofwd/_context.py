@@ -40,7 +40,7 @@ log = logging.getLogger("triofwd")
 class ConnectionContext:
     """The table, limits and targets a connection is served with, and the record of its end."""
 
-    def __init__(self, table: RouteTable, access_log: AccessLog | None, engine: Engine) -> None:
+    def __init__(self, table: RouteTable, access_log: AccessLog | None, engine: Engine, first_id: int = 1) -> None:
         self.table = table
         self.engine = engine
         self.gate = Gate(table.limits)
@@ -50,7 +50,7 @@ class ConnectionContext:
         self.watchers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self._route_gates: dict[str, Gate] = {}
         self._access_log = access_log
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_id)
 
     def next_id(self) -> int:
         return next(self._ids)

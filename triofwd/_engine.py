@@ -27,6 +27,10 @@ could not take (copied out), or a pipe of spliced ones. Reading that direction s
 they are delivered (back-pressure, nothing unbounded). An error on a socket ends that relay
 with that socket's reset; an exception in the engine's own code ends that relay (a bug,
 internal_error) and no other.
+
+UDP routes' datagrams are moved beside the relays, in the engine's nursery, by a mover of
+their own with its own epoll (`_datagrams`): a datagram is not a stream, and its sessions
+need neither sides nor splicing.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import Any
 import outcome
 import trio
 
+from ._datagrams import Datagrams
 from ._errors import ConnectionEnded
 from ._idle import IdleWatch
 from ._policy import Policy
@@ -235,6 +240,9 @@ class Engine:
         self._stale = 0  # entries left for relays that left, or were re-armed earlier
         self.batches = 0  # wakeups with events (tests and the profile read them)
         self.events = 0
+        # UDP routes' datagrams: a mover of their own (datagrams are not streams), in the
+        # engine's nursery, beside the relays' loop and timers.
+        self.datagrams = Datagrams()
 
     def attached(self, conn: Connection, client: socket.socket, target: socket.socket, policy: Policy) -> Relay:
         """`with engine.attached(conn, client, target, policy) as relay: await relay.run(...)`:
@@ -249,6 +257,7 @@ class Engine:
 
     def close(self) -> None:
         self._epoll.close()
+        self.datagrams.close()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -257,6 +266,7 @@ class Engine:
         connection has left)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_time, name="triofwd engine timers")
+            nursery.start_soon(self.datagrams.run, name="triofwd datagrams")
             await self._move()
 
     async def _keep_time(self) -> None:
@@ -267,6 +277,11 @@ class Engine:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
+            # Bytes that came while the timers slept count before any relay is judged quiet:
+            # a busy or stalled process may wake this task before the engine's loop has seen
+            # them. One batch, moved here (level-triggered: anything left, the loop sees).
+            if events := self._epoll.poll(0, BATCH):
+                self._batch(events)
             now = trio.current_time()
             timers = self._timers
             while timers and timers[0][0] <= now:
@@ -356,11 +371,59 @@ class Engine:
             waiting.due = math.inf
             self._stale += 1
 
+    def _batch(self, events: list[tuple[int, int]]) -> None:
+        """Move the bytes of one batch of ready events (no await: a batch is never interleaved
+        with another task's view of the relays)."""
+        sides, event, connecting = self._sides, self._event, self._connecting
+        buffer = view = self._buffer
+        self.batches += 1
+        self.events += len(events)
+        now = trio.current_time()
+        for fd, mask in events:
+            side = sides.get(fd)
+            if side is None:  # a connect done, or its relay ended earlier in this batch
+                waiting = connecting.get(fd)
+                if waiting is not None:
+                    self._connect_over(waiting, outcome.Value(None))
+                continue
+            try:
+                # The common case written out here, without a call: a small chunk to
+                # read and a destination that takes it whole. Anything else: _event.
+                if mask != _IN or side.bulk or side.parked is not None or side.pipe is not None or not side.reading:
+                    event(side, mask, now)
+                    continue
+                try:
+                    n = side.sock.recv_into(buffer, COPY_CHUNK, _FLAGS)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    event(side, mask, now)  # it reads again, and tells the failing side
+                    continue
+                if 0 < n < SPLICE_AT:
+                    try:
+                        sent = side.peer.sock.send(view[:n], _FLAGS)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError:
+                        sent = -1  # _copy sends again, and tells the failing side
+                    if sent == n:
+                        conn = side.relay.conn
+                        conn.last_activity = now
+                        if side.inbound:
+                            conn.bytes_in += n
+                        else:
+                            conn.bytes_out += n
+                        continue
+                    event(side, mask, now, n, sent)
+                    continue
+                event(side, mask, now, n)
+            except Exception as exc:  # noqa: BLE001 - one relay's bug ends that relay, never the engine
+                self._finish(side.relay, exc)
+
     async def _move(self) -> None:
         epoll_fd = self._epoll.fileno()
-        poll, sides, event, connecting = self._epoll.poll, self._sides, self._event, self._connecting
-        wait_readable, checkpoint, now_ = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint, trio.current_time
-        buffer = view = self._buffer
+        poll, batch = self._epoll.poll, self._batch
+        wait_readable, checkpoint = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint
         try:
             while True:
                 await wait_readable(epoll_fd)
@@ -368,49 +431,7 @@ class Engine:
                 # (a checkpoint) and, while traffic keeps coming, the next batch is taken
                 # without trio's wait and its re-arm of the epoll fd (fewer syscalls per event).
                 while events := poll(0, BATCH):
-                    self.batches += 1
-                    self.events += len(events)
-                    now = now_()
-                    for fd, mask in events:
-                        side = sides.get(fd)
-                        if side is None:  # a connect done, or its relay ended earlier in this batch
-                            waiting = connecting.get(fd)
-                            if waiting is not None:
-                                self._connect_over(waiting, outcome.Value(None))
-                            continue
-                        try:
-                            # The common case written out here, without a call: a small chunk to
-                            # read and a destination that takes it whole. Anything else: _event.
-                            if mask != _IN or side.bulk or side.parked is not None or side.pipe is not None or not side.reading:
-                                event(side, mask, now)
-                                continue
-                            try:
-                                n = side.sock.recv_into(buffer, COPY_CHUNK, _FLAGS)
-                            except BlockingIOError:
-                                continue
-                            except OSError:
-                                event(side, mask, now)  # it reads again, and tells the failing side
-                                continue
-                            if 0 < n < SPLICE_AT:
-                                try:
-                                    sent = side.peer.sock.send(view[:n], _FLAGS)
-                                except BlockingIOError:
-                                    sent = 0
-                                except OSError:
-                                    sent = -1  # _copy sends again, and tells the failing side
-                                if sent == n:
-                                    conn = side.relay.conn
-                                    conn.last_activity = now
-                                    if side.inbound:
-                                        conn.bytes_in += n
-                                    else:
-                                        conn.bytes_out += n
-                                    continue
-                                event(side, mask, now, n, sent)
-                                continue
-                            event(side, mask, now, n)
-                        except Exception as exc:  # noqa: BLE001 - one relay's bug ends that relay, never the engine
-                            self._finish(side.relay, exc)
+                    batch(events)
                     await checkpoint()
         finally:
             # Stopping with relays still attached (a bug took the engine down): end them, so

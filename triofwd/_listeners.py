@@ -9,6 +9,10 @@ accept(2) errors of the pending connection are skipped; running out of fds or me
 off, with one warning a burst. A listening socket systemd passed in (socket activation) is
 used for the key bound where it is, instead of a bind, and given back open when its
 listener stops (systemd still listens on it).
+
+A UDP listener (a `protocol = "udp"` route's) has no accept loop: its bound socket goes to
+the engine's datagram mover (`_datagrams`), and a task here only holds it while it listens;
+when that task ends the listener takes no new flow (its socket closes with its last session).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any
 import trio
 
 from . import _rawsock as rawsock
-from ._addresses import ListenKey, format_address
+from ._addresses import UDP_OWNER, ListenKey, format_address, is_udp
+from ._datagrams import Datagrams, UdpListener, bind_datagrams
 from ._errors import listen_error
 from ._rawsock import raw_socket
 from ._systemd import PassedSockets
@@ -57,7 +62,18 @@ ACCEPT_IGNORED_ERRNOS = frozenset(
     if hasattr(errno, name)
 )  # fmt: skip
 
-Opened = dict[ListenKey, list[trio.SocketListener]]
+
+class BoundDatagrams:
+    """A bound UDP socket, as bind_all hands a UDP listener's over (`.socket`, as a trio
+    SocketListener has one)."""
+
+    __slots__ = ("socket",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+
+Opened = dict[ListenKey, list[trio.SocketListener | BoundDatagrams]]
 OnAccept = Callable[[socket.socket, Any, ListenKey], None]
 
 
@@ -78,11 +94,18 @@ class Listeners:
         self._on_error = on_error  # an accept() failure the listener backed off from (counted)
         self._passed = passed  # sockets systemd passed: given back, not closed, when their listener stops
         self.by_key: dict[ListenKey, list[Listener]] = {}
+        self.datagrams: Datagrams | None = None  # where UDP listeners' sockets go (the engine's mover)
 
     def listen(self, opened: Opened) -> None:
         """Hand each bound socket to an accept task; registered at once, so `addresses` is true on return."""
         for key, sockets in opened.items():
             for sock in sockets:
+                if isinstance(sock, BoundDatagrams):
+                    assert self.datagrams is not None, "UDP listeners need the datagram mover"
+                    entry = Listener(key, format_address(sock.socket.getsockname()), trio.CancelScope(), sock.socket)
+                    self.by_key.setdefault(key, []).append(entry)
+                    self._nursery.start_soon(self._receive, entry, self.datagrams.add(key, sock.socket))
+                    continue
                 entry = Listener(key, format_address(sock.socket.getsockname()), trio.CancelScope(), raw_socket(sock.socket))
                 self.by_key.setdefault(key, []).append(entry)
                 self._nursery.start_soon(self._accept_loop, entry, sock)
@@ -91,6 +114,8 @@ class Listeners:
         """Set on each listening socket what its accepted sockets inherit: TCP_NODELAY, and the
         kernel keep-alive its routes share (at start, and again after a reload)."""
         for key, listeners in self.by_key.items():
+            if is_udp(key):
+                continue
             idle = table.listener_keepalive(key)
             for entry in listeners:
                 entry.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -155,11 +180,25 @@ class Listeners:
                         failures, warned = 0, False
                         self._on_accept(sock, peer, entry.key)
         finally:
-            entries = self.by_key.get(entry.key, [])
-            if entry in entries:
-                entries.remove(entry)
-                if not entries:
-                    del self.by_key[entry.key]
+            self._forget(entry)
+
+    async def _receive(self, entry: Listener, listener: UdpListener) -> None:
+        """A UDP listener: its socket is the datagram mover's; this task holds it as listening
+        until its scope is cancelled (reload, drain, shutdown), then it takes no new flow."""
+        assert self.datagrams is not None
+        try:
+            with entry.scope:
+                await trio.sleep_forever()
+        finally:
+            self.datagrams.stop(listener)
+            self._forget(entry)
+
+    def _forget(self, entry: Listener) -> None:
+        entries = self.by_key.get(entry.key, [])
+        if entry in entries:
+            entries.remove(entry)
+            if not entries:
+                del self.by_key[entry.key]
 
     @contextlib.asynccontextmanager
     async def _held(self, listener: trio.SocketListener, raw: socket.socket) -> AsyncIterator[None]:
@@ -205,19 +244,23 @@ async def bind_all(keys: Iterable[ListenKey], optional: set[ListenKey] | None = 
     """
     keys = list(keys)
     # Claimed all at once: a dual-stack [::] socket goes to a "::" key before a "0.0.0.0" one.
-    found = passed.claim((bind, port, "tcp") for bind, port, _ in keys) if passed is not None else {}
+    found = passed.claim((bind, port, "tcp") for bind, port, owner in keys if not owner.endswith(UDP_OWNER)) if passed is not None else {}
     opened: Opened = {}
     try:
         for key in keys:
             bind, port, _ = key
-            sock = found.get((bind, port, "tcp"))
+            udp = is_udp(key)
+            sock = None if udp else found.get((bind, port, "tcp"))
             if sock is not None:
                 opened[key] = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
                 continue
             try:
-                opened[key] = await trio.open_tcp_listeners(port, host=bind)
+                if udp:
+                    opened[key] = [BoundDatagrams(bind_datagrams(bind, port))]
+                else:
+                    opened[key] = [*await trio.open_tcp_listeners(port, host=bind)]
             except OSError as exc:
-                error = listen_error(exc, f"listen on {format_address((bind, port))}")
+                error = listen_error(exc, f"listen on {format_address((bind, port))}{' (udp)' if udp else ''}")
                 if optional and key in optional:
                     log.warning("%s (an offload port: the kernel forwards it anyway)", error)
                     continue

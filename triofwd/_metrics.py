@@ -13,6 +13,10 @@ instead of treating it as the series' start.
     triofwd_bytes_total{route,direction}                 counter   in: client to target, out: target to client
     triofwd_connect_duration_seconds{route}              histogram time to connect to the target
     triofwd_accept_errors_total                          counter   accept() failures (out of fds, memory)
+    triofwd_workers                                      gauge     worker processes serving (1: one process)
+    triofwd_worker_restarts_total                        counter   worker processes started again
+    triofwd_udp_datagrams_total{route,direction}         counter   UDP routes: datagrams forwarded, in and out
+    triofwd_udp_datagrams_dropped_total{route,reason}    counter   UDP routes: datagrams dropped (a refused flow's, busy...)
     triofwd_target_up{route,target}                      gauge     1 while health checks pass
     triofwd_target_circuit_state{route,target,state}     gauge     1 for the circuit's state: closed, half-open, open
     triofwd_target_failures_total{route,target}          counter   connect failures and resets (passive health)
@@ -88,6 +92,12 @@ def render_metrics(stats: Mapping[str, Any], route_names: Iterable[str] = ()) ->
            (("offload_packets_total", {"route": n}, routes[n]["offload"]["packets"]) for n in offloaded))  # fmt: skip
     family("offload_bytes_total", "counter", "Bytes of offload routes, counted by the kernel (nftables).",
            (("offload_bytes_total", {"route": n}, routes[n]["offload"]["bytes"]) for n in offloaded))  # fmt: skip
+    udp = [n for n in names if "udp" in routes[n]]
+    family("udp_datagrams_total", "counter", "Datagrams forwarded on UDP routes; direction in is client to target, out is target to client.",
+           (("udp_datagrams_total", {"route": n, "direction": d}, routes[n]["udp"][f"datagrams_{d}"]) for n in udp for d in ("in", "out")))  # fmt: skip
+    family("udp_datagrams_dropped_total", "counter", "Datagrams of UDP routes dropped: a refused flow's (by the refusal's reason), busy (a full socket buffer), "
+           "closed (a new flow on a listener that stopped), too_big.",
+           (("udp_datagrams_dropped_total", {"route": n, "reason": r}, c) for n in udp for r, c in routes[n]["udp"]["drops"].items()))  # fmt: skip
     targets = [(route, row) for route, rows in sorted(stats.get("targets", {}).items()) for row in rows]
 
     def label(route: str, row: Mapping[str, Any]) -> dict[str, str]:
@@ -109,6 +119,10 @@ def render_metrics(stats: Mapping[str, Any], route_names: Iterable[str] = ()) ->
            (("target_warm_connections", label(r, t), t["warm"]) for r, t in targets))  # fmt: skip
     family("accept_errors_total", "counter", "accept() calls that failed for want of a resource (file descriptors, memory).",
            [("accept_errors_total", {}, stats.get("accept_errors", 0))])  # fmt: skip
+    # One process unless the stats come from a supervisor of workers (README, "Every core: workers").
+    workers = stats.get("workers", {})
+    family("workers", "gauge", "Worker processes serving now.", [("workers", {}, workers.get("count", 1))])
+    family("worker_restarts_total", "counter", "Worker processes started again after one exited.", [("worker_restarts_total", {}, workers.get("restarts", 0))])
     return "\n".join(out) + "\n"
 
 

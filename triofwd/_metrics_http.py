@@ -24,7 +24,7 @@ import importlib.resources
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import h11
@@ -51,8 +51,9 @@ IDLE_TIMEOUT = 60.0
 SEND_TIMEOUT = 10.0
 RECEIVE_SIZE = 16 * 1024
 
-Render = Callable[[], str]
-Status = Callable[[], Mapping[str, Any]]
+# What renders a page: a plain function, or (the supervisor of workers, which asks them) an async one.
+Render = Callable[[], str | Awaitable[str]]
+Status = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
 Headers = list[tuple[bytes, bytes]]
 
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
@@ -119,7 +120,7 @@ async def _serve_client(render: Render, status: Status | None, stream: trio.Sock
                 if request is None:
                     return  # closed, or idle too long
                 try:
-                    code, headers, body = _respond(request, render, status)
+                    code, headers, body = await _respond(request, render, status)
                 except Exception:  # a bug in what renders the page or the numbers: said, not a dropped socket
                     log.exception("metrics: %s failed", request.target.decode("ascii", "replace"))
                     code, headers, body = 500, [_TEXT, (b"connection", b"close")], b"internal error: see the daemon's log\n"
@@ -153,7 +154,7 @@ async def _next_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
         # h11.Data: a body no endpoint here needs; read and dropped.
 
 
-def _respond(request: h11.Request, render: Render, status: Status | None) -> tuple[int, Headers, bytes]:
+async def _respond(request: h11.Request, render: Render, status: Status | None) -> tuple[int, Headers, bytes]:
     path = request.target.split(b"?", 1)[0]
     pages = (METRICS_PATH, *PAGE_PATHS, STATUS_PATH) if status is not None else (METRICS_PATH,)
     if path not in pages:
@@ -162,9 +163,12 @@ def _respond(request: h11.Request, render: Render, status: Status | None) -> tup
     if request.method not in (b"GET", b"HEAD"):
         return 405, [(b"allow", b"GET, HEAD"), _TEXT], b"method not allowed\n"
     if path == METRICS_PATH:
-        return 200, [(b"content-type", CONTENT_TYPE.encode())], render().encode()
+        text = render()
+        return 200, [(b"content-type", CONTENT_TYPE.encode())], (text if isinstance(text, str) else await text).encode()
     if path == STATUS_PATH and status is not None:
-        return 200, [(b"content-type", b"application/json"), *_PAGE_HEADERS], msgspec.json.encode(dict(status()))
+        document = status()
+        document = document if isinstance(document, Mapping) else await document
+        return 200, [(b"content-type", b"application/json"), *_PAGE_HEADERS], msgspec.json.encode(dict(document))
     page, policy = _page()
     return 200, [(b"content-type", b"text/html; charset=utf-8"), (b"content-security-policy", policy), *_PAGE_HEADERS], page
 

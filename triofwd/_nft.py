@@ -23,6 +23,9 @@ IPv6; every per-route object carries the route name after a fixed prefix)::
 
 Design decisions:
 
+* A rule's ``protocol`` ("tcp" or "udp") is the transport whose port it
+  DNATs (``tcp dport`` / ``udp dport``, ``ct original protocol``); a TCP and a
+  UDP route may claim the same port number.
 * Several targets are balanced round-robin with ``numgen inc mod N map``.  The
   numgen counter belongs to the rule, so the ``prerouting`` and ``output``
   rules each rotate on their own.
@@ -135,6 +138,10 @@ class OffloadRule:
     client_ips: tuple[str, ...] = ()
     block_ips: tuple[str, ...] = ()
     preserve_source_ip: bool = False
+    protocol: str = "tcp"  # or "udp": which transport's port the rules DNAT
+
+
+PROTOCOLS = ("tcp", "udp")
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,7 @@ class _Route:
     allow: tuple[IPNetwork, ...] | None  # None: everyone allowed
     block: tuple[IPNetwork, ...]
     masquerade: bool
+    protocol: str = "tcp"
 
 
 # ---------------------------------------------------------------- validation
@@ -264,6 +272,8 @@ def _normalize(rule: OffloadRule) -> _Route:
 
     if type(rule.preserve_source_ip) is not bool:
         raise NftError(f"route {name!r}: preserve_source_ip must be true or false")
+    if rule.protocol not in PROTOCOLS:
+        raise NftError(f"route {name!r}: protocol {rule.protocol!r} is neither tcp nor udp")
 
     return _Route(
         name=name,
@@ -274,6 +284,7 @@ def _normalize(rule: OffloadRule) -> _Route:
         allow=allow,
         block=block,
         masquerade=not rule.preserve_source_ip,
+        protocol=rule.protocol,
     )
 
 
@@ -292,7 +303,7 @@ def _check_overlaps(routes: Sequence[_Route]) -> None:
         seen[route.name] = route
     for i, first in enumerate(routes):
         for second in routes[i + 1 :]:
-            if first.version != second.version:
+            if first.version != second.version or first.protocol != second.protocol:
                 continue
             if first.bind is not None and second.bind is not None and first.bind != second.bind:
                 continue
@@ -300,7 +311,9 @@ def _check_overlaps(routes: Sequence[_Route]) -> None:
                 for low2, high2 in second.ports:
                     if low1 <= high2 and low2 <= high1:
                         port = max(low1, low2)
-                        raise NftError(f"routes {first.name!r} and {second.name!r} both claim {_family_word(first.version)} port {port}")
+                        raise NftError(
+                            f"routes {first.name!r} and {second.name!r} both claim {_family_word(first.version)} {'UDP ' if first.protocol == 'udp' else ''}port {port}"
+                        )
 
 
 def validate_rule(rule: OffloadRule) -> None:
@@ -377,7 +390,7 @@ def _dnat_rules(route: _Route) -> list[str]:
         destination = "fib daddr type local"
     else:
         destination = f"{ip} daddr {route.bind}"
-    select = f"meta nfproto {nfproto} {destination} tcp dport @{PORTS_SET_PREFIX}{route.name}"
+    select = f"meta nfproto {nfproto} {destination} {route.protocol} dport @{PORTS_SET_PREFIX}{route.name}"
     rules = []
     if route.block:
         rules.append(f"{select} {ip} saddr @{BLOCK_SET_PREFIX}{route.name} drop")
@@ -395,9 +408,9 @@ def _dnat_rules(route: _Route) -> list[str]:
 def _connection_match(route: _Route) -> str:
     """Match every packet (both directions) of a connection this route DNATed."""
     nfproto, ip = _ip_keywords(route.version)
-    # "ct original protocol tcp" gives nft the context it needs to type
+    # "ct original protocol tcp" (or udp) gives nft the context it needs to type
     # ct original proto-dst / ct reply proto-src.
-    parts = [f"meta nfproto {nfproto} ct original protocol tcp ct status dnat"]
+    parts = [f"meta nfproto {nfproto} ct original protocol {route.protocol} ct status dnat"]
     if route.bind is not None:
         parts.append(f"ct original {ip} daddr {route.bind}")
     parts.append(f"ct original proto-dst @{PORTS_SET_PREFIX}{route.name}")

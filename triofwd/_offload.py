@@ -19,7 +19,7 @@ from . import _nft
 from ._errors import OffloadError
 from ._table import RouteTable, offload_rules, with_routes
 
-__all__ = ["KernelRules", "OffloadError", "kernel_rules", "ruleset_text"]
+__all__ = ["ForeignRules", "KernelRules", "OffloadError", "forwarded_instead", "kernel_rules", "ruleset_text"]
 
 log = logging.getLogger("triofwd.offload")
 
@@ -109,10 +109,37 @@ class KernelRules:
             log.error("removing the nftables table took more than %.0fs", REMOVE_TIMEOUT)
 
 
+class ForeignRules(KernelRules):
+    """Offload rules another process owns: the supervisor of worker processes installs and
+    removes them once for all workers. Nothing is installed or removed here; the routes it
+    could not offload and forwards in user space instead (offload_fallback) are `forwarded`."""
+
+    def __init__(self, forwarded: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.forwarded = forwarded
+
+    async def prepare(self, table: RouteTable) -> RouteTable:
+        if not self.forwarded:
+            return table
+        return with_routes(table, [dataclasses.replace(r, action="forward", kind="forward") if r.name in self.forwarded else r for r in table.routes])
+
+    async def read_counters(self) -> dict[str, tuple[int, int]]:
+        return {}  # the supervisor reads them
+
+    async def remove(self) -> None:
+        pass
+
+
+def forwarded_instead(asked: RouteTable, served: RouteTable) -> frozenset[str]:
+    """The offload routes of `asked` that `served` (what prepare returned) forwards in user space."""
+    kinds = {r.name: r.kind for r in served.routes}
+    return frozenset(r.name for r in asked.routes if r.kind == "offload" and kinds.get(r.name) != "offload")
+
+
 @contextlib.asynccontextmanager
-async def kernel_rules() -> AsyncIterator[KernelRules]:
-    """Kernel rules owned by the block: whatever was installed is removed when it exits."""
-    rules = KernelRules()
+async def kernel_rules(rules: KernelRules | None = None) -> AsyncIterator[KernelRules]:
+    """Kernel rules owned by the block (`rules`, or new ones): whatever was installed is removed when it exits."""
+    rules = KernelRules() if rules is None else rules
     try:
         yield rules
     finally:

@@ -7,20 +7,21 @@ every layer that reads or writes a connection's state can use it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
 from ._addresses import ListenKey, format_address
 from ._reasons import Reason
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "Session"]
 
 
 @dataclasses.dataclass(eq=False, slots=True)
 class Connection:
     """One live connection, as the table, the inspector and the access log see it."""
 
+    protocol: ClassVar[str] = "tcp"
     id: int
     client_ip: str
     client_port: int
@@ -72,6 +73,7 @@ class Connection:
         now = trio.current_time() if now is None else now
         return {
             "id": self.id,
+            "protocol": self.protocol,
             "route": self.route,
             "client": self.client,
             "target": self.target,
@@ -83,3 +85,20 @@ class Connection:
             "bytes_out": self.bytes_out,
             "reason": None if self.reason is None else self.reason.value,
         }
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Session(Connection):
+    """One UDP session (a `protocol = "udp"` route's client flow): a connection's record, with
+    its datagrams counted each way beside its bytes."""
+
+    protocol: ClassVar[str] = "udp"
+    datagrams_in: int = 0  # client -> target
+    datagrams_out: int = 0  # target -> client
+
+    def describe(self, now: float | None = None) -> dict[str, Any]:
+        """The connection's row, with the datagram counts."""
+        row = Connection.describe(self, now)
+        row["datagrams_in"] = self.datagrams_in
+        row["datagrams_out"] = self.datagrams_out
+        return row

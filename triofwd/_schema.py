@@ -58,6 +58,9 @@ KEYS: dict[type[msgspec.Struct], dict[str, Key]] = {
         "connection_rate_per_ip": Key('New connections per client IP per period, e.g. "300/min", "10/s" ("0": no limit); past it `rate_limited`.', '"300/min"'),
         "shutdown_grace": Key('On SIGTERM, how long open connections may finish before the rest are closed with `shutdown` ("0": at once).', '"10s"'),
         "trusted_proxies": Key("Addresses or CIDRs allowed to send a PROXY protocol header (to routes with `accept_proxy_protocol`).", '["10.0.0.0/8", "fd00::/8"]'),
+        "workers": Key('Worker processes of `triofwd serve`: 1 (one process), a number, or "auto" (one per CPU it may run on). With more than one, a supervisor binds '
+                       "the ports once and hands them to every worker; `max_connections` is shared out among them. Read at start; a reload does not change it.",
+                       '"auto"', type='integer ≥ 1 or `"auto"`'),
     },
     Route: {
         "name": Key("The route's name, unique in the file: 1-63 letters, digits, `_`, `.` or `-`. Logs, metrics and the inspector use it.", '"ssh"'),
@@ -88,6 +91,12 @@ KEYS: dict[type[msgspec.Struct], dict[str, Key]] = {
         "destinations": Key('`socks5` / `http_connect`: where clients may ask to go: "CIDR:ports", "name:ports" or "*.example.com:ports". Loopback, private and link-local '
                             "addresses are denied unless listed.", '["10.1.0.0/16:443", "*.example.com:443"]'),
         "users": Key("`socks5` / `http_connect`: who may connect (empty: no authentication). See `routes.users`.", '[{ name = "alice", password = "env:ALICE_PASSWORD" }]'),
+        "protocol": Key('`"tcp"`: connections; `"udp"`: datagrams, one session per client address and port, with its own connected socket to a target (replies from '
+                        "anyone else are dropped by the kernel). A UDP route may `forward`, `reject` or `offload`; its `inactivity_timeout` is \"60s\" unless it sets one "
+                        "(any datagram either way is activity); `max_connections` and the per-IP limits count sessions. `domains`, `tls`, the PROXY protocol keys, "
+                        "`half_close_timeout`, `initial_data_timeout`, `tcp_keepalive`, `warm`, `health_check` and `circuit_breaker` are refused on it.", '"udp"'),
+        "responses": Key('`protocol = "udp"`: a session ends (`normal`) after this many replies from its target: 1 for DNS, so it ends as soon as the answer is back. '
+                         "0: its `inactivity_timeout` governs.", "1"),
     },
     TLS: {
         "mode": Key("`passthrough`: route by SNI, bytes untouched; `terminate`: the built-in terminator decrypts and sends plaintext to the targets; "

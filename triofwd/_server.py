@@ -23,8 +23,9 @@ import trio
 from ._accesslog import AccessLog, LineSink
 from ._addresses import ListenKey
 from ._config import Config
-from ._connection import run_connection
+from ._connection import run_connection, run_session
 from ._context import ConnectionContext
+from ._datagrams import Flow
 from ._engine import Engine
 from ._listeners import Listeners, Opened, bind_all, close_all, offload_only
 from ._offload import KernelRules, kernel_rules
@@ -59,9 +60,12 @@ class Forwarder:
         kernel: KernelRules,
         engine: Engine,
         passed: PassedSockets | None = None,
+        first_id: int = 1,
     ) -> None:
-        self._context = ConnectionContext(table, access_log, engine)
+        self._context = ConnectionContext(table, access_log, engine, first_id)
         self._listeners = Listeners(listening, self._accept, self._accept_failed, passed)
+        self._listeners.datagrams = engine.datagrams  # UDP listeners: the engine's datagram mover
+        engine.datagrams.on_flow = self._session
         self._kernel = kernel
         self._passed = passed  # sockets systemd passed that a reload may still claim
         self._connection_nursery = connections
@@ -99,9 +103,10 @@ class Forwarder:
     def stats(self) -> dict[str, Any]:
         """Totals, per route and reason; offload routes carry the kernel counters last read;
         `targets` has each target's health (routes that dial targets)."""
-        snapshot = self._context.stats.snapshot(self._context.live.values(), self._kernel.counters)
         engine = self._context.engine
-        moved = {"wakeups": engine.batches, "events": engine.events, "sockets": engine.registered}
+        snapshot = self._context.stats.snapshot(self._context.live.values(), self._kernel.counters, engine.datagrams.drops)
+        moved = {"wakeups": engine.batches, "events": engine.events, "sockets": engine.registered,
+                 "datagram_wakeups": engine.datagrams.batches, "datagram_events": engine.datagrams.events}  # fmt: skip
         return {**snapshot, "targets": self.target_states(), "engine": moved}
 
     def target_states(self) -> dict[str, list[dict[str, Any]]]:
@@ -189,6 +194,10 @@ class Forwarder:
     def _accept(self, sock: socket.socket, peer: Any, key: ListenKey) -> None:
         self._connection_nursery.start_soon(run_connection, self._context, sock, peer, key)
 
+    def _session(self, flow: Flow) -> None:
+        """A new UDP flow: its session runs in a task of its own, as a connection does."""
+        self._connection_nursery.start_soon(run_session, self._context, flow)
+
     def _accept_failed(self) -> None:
         self._context.stats.accept_errors += 1
 
@@ -205,6 +214,8 @@ async def serve(
     *,
     access_log: LineSink | None = None,
     passed: PassedSockets | None = None,
+    kernel: KernelRules | None = None,
+    first_id: int = 1,
     task_status: trio.TaskStatus[Forwarder] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the forwarder for `config` (compiled here, once; or a RouteTable already compiled)
@@ -213,6 +224,9 @@ async def serve(
     `access_log` takes one JSON line per connection (a text file, sys.stdout, or anything
     with write() and flush()). `passed`: listening sockets systemd passed in (socket
     activation), each used for the listener bound where it is, now and after a reload.
+    `kernel`: who owns the offload routes' nftables rules (default: this forwarder; a
+    worker process of `triofwd serve` leaves them to its supervisor, `ForeignRules`).
+    `first_id`: the first connection's id (workers number theirs apart).
 
     Use with `nursery.start(serve, config)`: it returns the Forwarder once every port is
     bound; a bad config (ConfigError) or an unbindable port (ListenError) is raised to
@@ -222,7 +236,7 @@ async def serve(
     table = as_table(config)
     fwd: Forwarder | None = None
     try:
-        async with kernel_rules() as kernel:  # offload rules: installed here, removed on every way out
+        async with kernel_rules(kernel) as kernel:  # offload rules: installed here, removed on every way out
             table = await kernel.prepare(table)
             opened = await bind_all(table.by_listener, optional=offload_only(table), passed=passed)
             with contextlib.closing(Engine()) as engine:
@@ -230,7 +244,7 @@ async def serve(
                     moving.start_soon(engine.run, name="triofwd engine")
                     async with trio.open_nursery() as connections:
                         async with trio.open_nursery() as listening:
-                            fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel, engine, passed)
+                            fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel, engine, passed, first_id)
                             try:
                                 fwd._start(opened)
                                 log.info("ready", extra={"fields": {"listeners": fwd.addresses}})

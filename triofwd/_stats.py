@@ -11,10 +11,9 @@ import collections
 import dataclasses
 import itertools
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._record import Connection
+from ._record import Connection, Session
 
 __all__ = ["CONNECT_BUCKETS", "Stats", "UNROUTED"]
 
@@ -35,6 +34,9 @@ class _Ended:
     connect_buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
     connect_count: int = 0
     connect_sum: float = 0.0
+    sessions: int = 0  # of them UDP sessions, with their datagrams
+    datagrams_in: int = 0
+    datagrams_out: int = 0
 
 
 class Stats:
@@ -56,11 +58,23 @@ class Stats:
             ended.connect_buckets[bisect.bisect_left(CONNECT_BUCKETS, conn.connect_time)] += 1
             ended.connect_count += 1
             ended.connect_sum += conn.connect_time
+        if isinstance(conn, Session):
+            ended.sessions += 1
+            ended.datagrams_in += conn.datagrams_in
+            ended.datagrams_out += conn.datagrams_out
 
-    def snapshot(self, live: Iterable[Connection], offload: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    def snapshot(
+        self, live: Iterable[Connection], offload: Mapping[str, tuple[int, int]] | None = None, drops: Mapping[tuple[str, str], int] | None = None
+    ) -> dict[str, Any]:
         """Totals and per-route figures; `live` is the connection table, `offload` the
-        kernel's (packets, bytes) per offload route as last read."""
+        kernel's (packets, bytes) per offload route as last read, `drops` the datagrams of
+        UDP routes dropped, by (route, reason). A route with UDP sessions (or drops) has
+        `udp`: its datagrams each way and its drops by reason."""
         offload = offload or {}
+        drops = drops or {}
+        udp: dict[str, dict[str, Any]] = {}
+        for (name, why), count in drops.items():
+            _udp_of(udp, name)["drops"][why] = count
         active: collections.Counter[str] = collections.Counter()
         live_in: collections.Counter[str] = collections.Counter()
         live_out: collections.Counter[str] = collections.Counter()
@@ -69,8 +83,17 @@ class Stats:
             active[key] += 1
             live_in[key] += conn.bytes_in
             live_out[key] += conn.bytes_out
+            if isinstance(conn, Session):
+                moved = _udp_of(udp, key)
+                moved["datagrams_in"] += conn.datagrams_in
+                moved["datagrams_out"] += conn.datagrams_out
         routes: dict[str, Any] = {}
-        for name in sorted(set(self._ended) | set(active) | set(offload)):
+        for name, ended in self._ended.items():
+            if ended.sessions:
+                moved = _udp_of(udp, name)
+                moved["datagrams_in"] += ended.datagrams_in
+                moved["datagrams_out"] += ended.datagrams_out
+        for name in sorted(set(self._ended) | set(active) | set(offload) | set(udp)):
             ended = self._ended.get(name, _Ended())
             routes[name] = {
                 "active": active[name],
@@ -87,6 +110,8 @@ class Stats:
             if name in offload:
                 packets, nbytes = offload[name]
                 routes[name]["offload"] = {"packets": packets, "bytes": nbytes}
+            if name in udp:
+                routes[name]["udp"] = {**udp[name], "drops": dict(sorted(udp[name]["drops"].items()))}
         terminations: collections.Counter[str] = collections.Counter()
         for ended in self._ended.values():
             terminations.update(ended.reasons)
@@ -99,3 +124,10 @@ class Stats:
             "terminations": dict(sorted(terminations.items())),
             "routes": routes,
         }
+
+
+def _udp_of(udp: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    found = udp.get(name)
+    if found is None:
+        found = udp[name] = {"datagrams_in": 0, "datagrams_out": 0, "drops": {}}
+    return found

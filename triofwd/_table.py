@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._addresses import IPNetwork, ListenKey, client_address, in_any
+from ._addresses import UDP_OWNER, IPNetwork, ListenKey, client_address, in_any
 from ._config import ROUTE_OVERRIDES, TLS, Config, Route, Settings, parse_cidr, parse_duration, parse_ports, parse_rate, parse_target, read_config
 from ._credentials import Users, compile_users
 from ._destinations import Destinations, compile_destinations
@@ -50,6 +50,25 @@ DIALING = ("forward", *BRIDGES)
 # The client names its destination (SOCKS5, HTTP CONNECT): checked against `destinations`.
 DYNAMIC = ("socks5", "http_connect")
 KINDS = (*DIALING, *DYNAMIC, "handler", "reject", "offload")
+
+# protocol = "udp": a session's inactivity_timeout when the route sets none (a UDP flow has
+# no end of its own; [settings]' hour is a TCP connection's).
+UDP_INACTIVITY_TIMEOUT = "60s"
+# What a UDP route may do; and the keys that mean nothing without a TCP stream, each
+# refused on a UDP route with the reason.
+UDP_ACTIONS = ("forward", "reject", "offload")
+UDP_REFUSED_KEYS = {
+    "domains": "there is no TLS ClientHello to read a name from",
+    "tls": "there is no TLS stream to pass through or terminate",
+    "proxy_protocol": "the PROXY header is sent at the start of a TCP stream",
+    "accept_proxy_protocol": "the PROXY header comes at the start of a TCP stream",
+    "half_close_timeout": "a datagram flow has no half-close",
+    "initial_data_timeout": "every datagram is routed as it comes",
+    "tcp_keepalive": "kernel keep-alive probes are TCP's",
+    "warm": "a session's socket is connected when its first datagram comes",
+    "health_check": "health checks connect over TCP",
+    "circuit_breaker": "a UDP target does not refuse a connect",
+}
 
 # Route names appear in logs, metric labels and (offload) nftables rules: keep them plain.
 DOMAIN_PATTERN_RE = re.compile(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
@@ -85,6 +104,8 @@ class CompiledRoute:
     spec: Route  # as written, for the inspector and for reload diffs
     destinations: Destinations | None = None  # socks5 / http_connect: the allow-list
     users: Users | None = None  # socks5 / http_connect: who may use it (empty: anyone)
+    protocol: str = "tcp"  # tcp | udp
+    responses: int = 0  # udp: replies after which a session ends (0: inactivity governs)
 
     @property
     def dials(self) -> bool:
@@ -92,9 +113,10 @@ class CompiledRoute:
         return self.kind in DIALING
 
     def listen_keys(self) -> list[ListenKey]:
+        udp = UDP_OWNER if self.protocol == "udp" else ""
         if self.ports == (0,):
-            return [(self.bind, 0, self.name)]
-        return [(self.bind, port, "") for port in self.ports]
+            return [(self.bind, 0, self.name + udp)]
+        return [(self.bind, port, udp) for port in self.ports]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -379,6 +401,19 @@ def _check_offload_keys(errors: _Errors, path: str, route: Route) -> None:
                 errors.add(f"{path}.{key}", f'{key} is only used with action = "offload"')
 
 
+def _check_protocol(errors: _Errors, path: str, route: Route) -> None:
+    """What a UDP route cannot use, refused with the path of the key; `responses` on a TCP one."""
+    if route.protocol != "udp":
+        if route.responses:
+            errors.add(f"{path}.responses", 'responses is only used with protocol = "udp"')
+        return
+    if route.action not in UDP_ACTIONS:
+        errors.add(f"{path}.action", f'action = "{route.action}" is not available with protocol = "udp": use "forward", "reject" or "offload"')
+    for key, why in UDP_REFUSED_KEYS.items():
+        if getattr(route, key) not in (None, False, 0, "", []):
+            errors.add(f"{path}.{key}", f'{key} is not used with protocol = "udp": {why}')
+
+
 def _compile_dynamic(errors: _Errors, path: str, route: Route, own: list[tuple[str, int]]) -> tuple[Destinations | None, Users | None]:
     """destinations and users: the allow-list and the users of a socks5 or http_connect
     route, refused on every other action; and what such a route cannot use (targets,
@@ -483,6 +518,13 @@ def compile_table(config: Config) -> RouteTable:
         elif route.handler:
             errors.add(f"{path}.handler", 'handler is only used with action = "handler"')
         _check_offload_keys(errors, path, route)
+        _check_protocol(errors, path, route)
+        if route.protocol == "udp" and settings.workers != 1:
+            # Worker processes share a listening socket: a flow's datagrams would be read by
+            # any of them, and its session (its connected socket, its replies) is in one.
+            errors.add(
+                f"{path}.protocol", 'protocol = "udp" needs [settings] workers = 1: a flow\'s datagrams must all reach the one process that holds its session'
+            )
         health, circuit = _compile_target_health(errors, path, route)
         tls, bridge_to = _compile_tls(errors, path, route, tls_loaded)
         destinations, users = _compile_dynamic(errors, path, route, listening)
@@ -500,6 +542,8 @@ def compile_table(config: Config) -> RouteTable:
         if route.accept_proxy_protocol and not settings.trusted_proxies:
             errors.add(f"{path}.accept_proxy_protocol", "accept_proxy_protocol needs [settings] trusted_proxies: the addresses allowed to send the header")
         own = {key: getattr(route, key) for key in ROUTE_OVERRIDES}
+        if route.protocol == "udp" and own["inactivity_timeout"] is None:
+            own["inactivity_timeout"] = UDP_INACTIVITY_TIMEOUT
         routes.append(
             CompiledRoute(
                 name=route.name,
@@ -528,6 +572,8 @@ def compile_table(config: Config) -> RouteTable:
                 spec=route,
                 destinations=destinations,
                 users=users,
+                protocol=route.protocol,
+                responses=route.responses,
             )
         )
     if errors.lines:
@@ -623,6 +669,7 @@ def offload_rule(route: CompiledRoute) -> OffloadRule:
         client_ips=tuple(str(net) for net in route.client_ips),
         block_ips=tuple(str(net) for net in route.block_ips),
         preserve_source_ip=route.spec.preserve_source_ip,
+        protocol=route.protocol,
     )
 
 

@@ -11,10 +11,11 @@ fixed HTTP 403 and the socket is closed before a byte of theirs is read.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -76,6 +77,12 @@ class ControlServer:
             "drain": self._drain,
             "metrics": self._metrics,
         }  # and "watch", which the session runs beside other requests
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
+        """The open/close events of one `watch`; the stream ends early for a watcher too slow."""
+        with self.fwd.watch(self.watch_buffer) as events:
+            yield events
 
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
         """Accept and serve clients until cancelled."""
@@ -179,6 +186,7 @@ class ControlServer:
             {
                 "name": route.name,
                 "action": route.action,
+                "protocol": route.protocol,
                 "bind": route.spec.bind,
                 "ports": list(route.spec.ports),
                 "targets": list(route.spec.targets),
@@ -247,7 +255,7 @@ class _Session:
 
     async def _watch(self, request_id: int | None) -> None:
         # Subscribe before the ok reply: every event after it reaches the client.
-        with self.server.fwd.watch(self.server.watch_buffer) as events:
+        async with self.server.events() as events:
             await self.send(Reply(request_id, True, result={"watching": True}))
             async for event in events:
                 await self.send(event)

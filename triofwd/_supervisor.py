@@ -1,0 +1,526 @@
+"""`triofwd serve` with [settings] workers > 1: a supervisor and its worker processes.
+
+    supervisor ─ binds every listener once: one SO_REUSEPORT socket per worker (_reuseport)
+       │         installs and removes the offload rules; serves --control and --metrics
+       │         for all the workers (control.workers); SIGHUP, SIGTERM, SIGUSR1, and
+       │         SIGUSR2: a new generation takes its sockets over (_upgrade)
+       ├─ worker 1 ─ an ordinary serve() on its sockets (_worker), a private control socket
+       ├─ worker 2
+       └─ ...      a worker that exits is started again, with a back-off, on the same sockets
+
+The supervisor keeps its copy of every socket open, so the queue of a worker that died
+keeps the connections that arrive meanwhile for the worker that replaces it. Workers
+ignore SIGINT (a Ctrl-C in the terminal reaches the whole process group: the supervisor
+stops them, once) and die with the supervisor (PR_SET_PDEATHSIG, and their channel's EOF).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import msgspec
+import trio
+
+from . import _systemd as systemd
+from ._addresses import ListenKey, format_address, is_udp
+from ._config import worker_count
+from ._errors import ConfigError, ListenError
+from ._listeners import offload_only
+from ._metrics_http import serve_metrics_on
+from ._offload import KernelRules, forwarded_instead, kernel_rules
+from ._reuseport import Group, bind_group, close_groups, steer, steered_keys
+from ._table import RouteTable, load_table
+from ._upgrade import UPGRADE_ENV, Handed, hand_over
+from ._worker import MESSAGE_MAX, WORKER_ENV, Reload, WorkerSpec
+from .control.workers import WorkersControl
+
+__all__ = ["Supervisor", "supervise"]
+
+log = logging.getLogger("triofwd.supervisor")
+
+# A worker that exits is started again after RESTART_FIRST seconds, doubling up to
+# RESTART_MAX for one that keeps failing; one that ran STABLE_AFTER seconds starts afresh.
+RESTART_FIRST = 0.1
+RESTART_MAX = 30.0
+STABLE_AFTER = 10.0
+# How long a worker may take to apply a reload before the supervisor stops waiting for it.
+RELOAD_TIMEOUT = 30.0
+# After shutdown_grace, workers that are still there are killed this much later.
+STOP_MARGIN = 5.0
+# How long a new generation (SIGUSR2) may take to have every worker ready.
+UPGRADE_TIMEOUT = 60.0
+# systemd's variables are the supervisor's: a worker neither notifies nor pings.
+SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+EXIT_CANNOT_START = 2
+
+
+class Worker:
+    """One worker slot: its number, its private control socket, its process while it runs."""
+
+    def __init__(self, number: int, control: str) -> None:
+        self.number = number
+        self.control = control
+        self.process: subprocess.Popen[bytes] | None = None
+        self.channel: trio.socket.SocketType | None = None
+        self.ready = False
+        self.ever_ready = False  # ready at least once: its exits from now on are restarts
+        self.lock = trio.Lock()  # one request down the channel at a time
+        self.replies: trio.MemoryReceiveChannel[dict[str, object] | None] | None = None
+
+
+class Supervisor:
+    """The listeners, the offload rules and the worker processes of one `triofwd serve`."""
+
+    def __init__(self, args: argparse.Namespace, table: RouteTable, count: int, rundir: str, handed: Handed | None = None) -> None:
+        self.args = args
+        self.handed = handed  # the sockets of the generation before (an upgrade), used instead of binding
+        self.upgraded = False  # a new generation took over: it owns the sockets, rules and control socket now
+        self._upgrading = False
+        self._front = trio.CancelScope()  # the control socket and metrics: the new generation answers after an upgrade
+        self.count = count
+        self._table = table
+        self.groups: dict[ListenKey, Group] = {}
+        self.kernel = KernelRules()
+        self.forwarded: frozenset[str] = frozenset()
+        self.workers = [Worker(n, os.path.join(rundir, f"worker-{n}.sock")) for n in range(1, count + 1)]
+        self._restarts = 0
+        self._draining = False
+        self._stopped = trio.Event()
+        self._reload_lock = trio.Lock()
+        self._first_ready, self._first_ready_events = trio.open_memory_channel[tuple[int, bool]](math.inf)
+
+    # -- what the control socket reads (control.workers.Fleet) --------------------------
+
+    @property
+    def table(self) -> RouteTable:
+        return self._table
+
+    @property
+    def addresses(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for key, group in self.groups.items():
+            for route in self._table.by_listener.get(key, ()):
+                out.setdefault(route.name, []).append(group.address)
+        return out
+
+    @property
+    def stopping(self) -> bool:
+        """SIGTERM/SIGINT came: workers are stopping, none is started again."""
+        return self._stopped.is_set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    def controls(self) -> dict[int, str]:
+        return {w.number: w.control for w in self.workers if w.ready}
+
+    def drain(self) -> None:
+        """Stop accepting: the supervisor's copies closed (each worker closes its own), no worker started again."""
+        self._draining = True
+        close_groups(self.groups.values())
+        self.groups = {}
+
+    async def read_offload_counters(self) -> dict[str, tuple[int, int]]:
+        return await self.kernel.read_counters()
+
+    # -- the listeners ------------------------------------------------------------------
+
+    def _bind(self, keys: Iterable[ListenKey], table: RouteTable) -> dict[ListenKey, Group]:
+        """A reuseport group for each key, or none (ListenError); an offload-only port that
+        cannot be bound is skipped with a warning, as serve() does."""
+        udp = sorted({route.name for key, routes in table.by_listener.items() if is_udp(key) for route in routes})
+        if udp:  # a worker binds its UDP ports itself, and two cannot
+            raise ListenError(0, f"udp routes need [settings] workers = 1 for now: {', '.join(udp)}")
+        optional, steered = offload_only(table), steered_keys(table)
+        opened: dict[ListenKey, Group] = {}
+        try:
+            for key in keys:
+                inherited = self.handed.groups.pop(key, []) if self.handed is not None else []
+                if len(inherited) == self.count:  # the same queues the generation before accepted from
+                    opened[key] = group = Group(key, format_address(inherited[0].getsockname()), inherited)
+                    self._steer(group, key in steered)
+                    continue
+                for sock in inherited:
+                    sock.close()
+                try:
+                    opened[key] = group = bind_group(key, self.count)
+                except ListenError as exc:
+                    if key not in optional:
+                        raise
+                    log.warning("%s (an offload port: the kernel forwards it anyway)", exc)
+                    continue
+                self._steer(group, key in steered)
+        except BaseException:
+            close_groups(opened.values())
+            raise
+        return opened
+
+    @staticmethod
+    def _steer(group: Group, by_client: bool) -> None:
+        try:
+            steer(group, by_client)
+        except OSError as exc:
+            log.warning("cannot steer %s by client address (%s): per-IP limits count per worker there", group.address, exc.strerror or exc)
+
+    def _ports(self) -> dict[str, int]:
+        """The port each port-0 route got (its workers listen on the same one)."""
+        return {key[2]: group.port for key, group in self.groups.items() if key[1] == 0}
+
+    # -- the workers ----------------------------------------------------------------------
+
+    def _command(self) -> list[str]:
+        args = self.args
+        command = [sys.executable, "-m", "triofwd", "serve", args.routefile, "--log-level", args.log_level, "--log-format", args.log_format]
+        return command + (["--access-log", args.access_log] if args.access_log else [])
+
+    async def _run_once(self, worker: Worker) -> int:
+        """Start the worker's process on the sockets of now, and wait until it exits."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours:
+            index = worker.number - 1
+            sockets = [group.sockets[index].fileno() for group in self.groups.values()]
+            spec = WorkerSpec(
+                number=worker.number, count=self.count, parent=os.getpid(), channel=theirs.fileno(), control=worker.control,
+                sockets=sockets, ports=self._ports(), forwarded=sorted(self.forwarded),
+            )  # fmt: skip
+            env = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY}
+            env[WORKER_ENV] = msgspec.json.encode(spec).decode()
+            try:
+                # Started from the event loop's own thread, not from a worker thread as
+                # trio.run_process would: PR_SET_PDEATHSIG fires when the thread that forked
+                # the child ends, and trio's idle worker threads end after a while.
+                process = subprocess.Popen(self._command(), env=env, pass_fds=[theirs.fileno(), *sockets])  # noqa: ASYNC220
+            finally:
+                theirs.close()
+            if self.stopping:  # stopped while it started: it stops with the others
+                process.send_signal(signal.SIGTERM)
+            channel = trio.socket.from_stdlib_socket(ours)
+            send, replies = trio.open_memory_channel[dict[str, object] | None](math.inf)
+            worker.process, worker.channel, worker.replies = process, channel, replies
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._hear, worker, channel, send)
+                    code = await _exited(process)
+                    nursery.cancel_scope.cancel()
+            finally:
+                worker.process = worker.channel = worker.replies = None
+                worker.ready = False
+        return code
+
+    async def _hear(self, worker: Worker, channel: trio.socket.SocketType, replies: trio.MemorySendChannel[dict[str, object] | None]) -> None:
+        """What the worker says: that it is ready, then the results of reloads; None when it is gone."""
+        with replies:
+            while data := await channel.recv(65536):
+                message = msgspec.json.decode(data, type=dict[str, object])
+                if message.get("ready"):
+                    worker.ready = True
+                    if not worker.ever_ready:
+                        worker.ever_ready = True
+                        self._first_ready.send_nowait((worker.number, True))
+                else:
+                    replies.send_nowait(message)
+            replies.send_nowait(None)
+
+    async def _keep(self, worker: Worker) -> None:
+        """Keep the worker running until the supervisor stops: started again when it exits."""
+        backoff = RESTART_FIRST
+        while not self._stopped.is_set():
+            began = trio.current_time()
+            code = await self._run_once(worker)
+            if self._stopped.is_set():
+                return
+            if not worker.ever_ready:
+                self._first_ready.send_nowait((worker.number, False))
+                log.error("worker %d exited (%s) before it was ready", worker.number, _status(code))
+                return
+            if self._draining:
+                log.info("worker %d exited (%s) while draining: not started again", worker.number, _status(code))
+                return
+            if trio.current_time() - began >= STABLE_AFTER:
+                backoff = RESTART_FIRST
+            self._restarts += 1
+            log.warning("worker %d exited (%s): starting it again in %.1fs", worker.number, _status(code), backoff,
+                        extra={"fields": {"restarts": self._restarts}})  # fmt: skip
+            with trio.move_on_after(backoff):
+                await self._stopped.wait()
+            backoff = min(backoff * 2, RESTART_MAX)
+
+    # -- reload -------------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Check the route file once, bind its new ports and install its offload rules (any
+        failure raises and changes nobody), then have every worker load it."""
+        async with self._reload_lock:
+            with systemd.reloading():
+                table = load_table(self.args.routefile)
+                if self.stopping:
+                    raise ListenError(0, "stopping: the route file is not loaded again")
+                if worker_count(table.config.settings.workers) != self.count:
+                    log.warning("[settings] workers changed: it takes effect when triofwd starts again (%d workers now)", self.count)
+                new_keys = [] if self._draining else [k for k in table.by_listener if k not in self.groups]
+                opened = self._bind(new_keys, table)
+                try:
+                    served = await self.kernel.prepare(table)
+                except BaseException:
+                    close_groups(opened.values())
+                    raise
+                old, self._table, self.forwarded = self._table, table, forwarded_instead(table, served)
+                self.groups.update(opened)  # from here, a worker that starts gets the new sockets
+                request = msgspec.json.encode(Reload(ports=self._ports(), forwarded=sorted(self.forwarded)))
+                async with trio.open_nursery() as nursery:
+                    for worker in self.workers:
+                        nursery.start_soon(self._reload_worker, worker, request, opened)
+                steered = steered_keys(table)
+                for key in [k for k in self.groups if k not in table.by_listener]:
+                    self.groups.pop(key).close()
+                for key, group in self.groups.items():
+                    self._steer(group, key in steered)
+                before, after = {r.name: r for r in old.routes}, {r.name: r for r in table.routes}
+                change = {
+                    "added": sorted(after.keys() - before.keys()),
+                    "removed": sorted(before.keys() - after.keys()),
+                    "changed": sorted(n for n in before.keys() & after.keys() if before[n].spec != after[n].spec),
+                }
+                log.info("reloaded: %d routes (added %s, removed %s, changed %s)", len(table.routes),
+                         change["added"], change["removed"], change["changed"])  # fmt: skip
+                return change
+
+    async def _reload_worker(self, worker: Worker, request: bytes, opened: dict[ListenKey, Group]) -> None:
+        """Send the worker its sockets of the new listeners and the reload; wait for its answer.
+        A worker not running now loads the file when it starts, with every socket of now."""
+        async with worker.lock:
+            channel, replies = worker.channel, worker.replies
+            if channel is None or replies is None:
+                return
+            fds = array.array("i", (group.sockets[worker.number - 1].fileno() for group in opened.values()))
+            try:
+                await channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else [])
+            except OSError:  # exited meanwhile: its replacement starts on the new table
+                return
+            with trio.move_on_after(RELOAD_TIMEOUT) as waited:
+                reply = await replies.receive()
+            if waited.cancelled_caught:
+                log.error("worker %d did not apply the reload within %.0fs", worker.number, RELOAD_TIMEOUT)
+            elif reply is not None and "error" in reply:
+                log.error("worker %d kept its old routes: %s", worker.number, reply["error"])
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def stop(self, nursery: trio.Nursery) -> None:
+        """SIGTERM/SIGINT: close the supervisor's sockets and stop every worker gracefully (a
+        second time: at once). Workers still there after shutdown_grace are killed."""
+        first = not self._stopped.is_set()
+        self._stopped.set()
+        close_groups(self.groups.values())
+        self.groups = {}
+        for process in self._running().values():
+            process.send_signal(signal.SIGTERM)
+        if first:
+            nursery.start_soon(self._kill_late, self._table.shutdown_grace + STOP_MARGIN)
+
+    async def _kill_late(self, delay: float) -> None:
+        await trio.sleep(delay)
+        for number, process in self._running().items():
+            log.error("worker %d (pid %d) still there %.0fs after SIGTERM: killed", number, process.pid, delay)
+            process.kill()
+
+    def signal_workers(self, signum: int) -> None:
+        for process in self._running().values():
+            process.send_signal(signum)
+
+    def _running(self) -> dict[int, subprocess.Popen[bytes]]:
+        """Worker number -> its process, for those that have not exited."""
+        return {w.number: w.process for w in self.workers if w.process is not None and w.process.poll() is None}
+
+    async def run(
+        self,
+        control: trio.SocketListener | None,
+        metrics: list[trio.SocketListener] | None,
+        signals: AsyncIterator[int],
+        watchdog: float | None,
+        upgrade: AsyncIterator[int],
+    ) -> int:
+        """Bind, start the workers, serve until stopped. ListenError/OffloadError before anything starts."""
+        async with kernel_rules(self.kernel) as kernel:
+            served = await kernel.prepare(self._table)
+            self.forwarded = forwarded_instead(self._table, served)
+            self.groups = self._bind(self._table.by_listener, self._table)
+            try:
+                async with trio.open_nursery() as services:
+                    async with trio.open_nursery() as keepers:
+                        for worker in self.workers:
+                            keepers.start_soon(self._keep, worker)
+                        if not await self._all_ready():
+                            self.stop(services)
+                            code = EXIT_CANNOT_START
+                        else:
+                            code = 0
+                            services.start_soon(self._serve_front, control, metrics)
+                            pids = [w.process.pid for w in self.workers if w.process is not None]
+                            log.info("ready", extra={"fields": {"listeners": self.addresses, "workers": self.count, "pid": os.getpid(), "pids": pids}})
+                            systemd.notify("READY=1", f"STATUS={self.count} workers")
+                            if watchdog is not None:
+                                services.start_soon(systemd.watchdog, watchdog)
+                            services.start_soon(self._on_signals, signals, services)
+                            services.start_soon(self._on_upgrade, upgrade, control, metrics, services)
+                            if self.handed is not None:
+                                self._took_over(self.handed)
+                    services.cancel_scope.cancel()  # every worker has exited
+            finally:
+                close_groups(self.groups.values())
+        log.info("stopped")
+        return code
+
+    async def _serve_front(self, control: trio.SocketListener | None, metrics: list[trio.SocketListener] | None) -> None:
+        """The control socket and the metrics port, until the supervisor stops or hands them over."""
+        fleet = WorkersControl(self, reload=self.reload)
+        with self._front:
+            async with trio.open_nursery() as nursery:
+                if control is not None:
+                    nursery.start_soon(fleet.serve, [control])
+                if metrics is not None:
+                    nursery.start_soon(serve_metrics_on, metrics, fleet.metrics_text, fleet.status_json)
+
+    def _took_over(self, handed: Handed) -> None:
+        """Tell the generation before that this one serves (it drains then); close what it
+        handed over that the route file no longer listens on."""
+        for sockets in handed.groups.values():
+            for sock in sockets:
+                sock.close()
+        with contextlib.suppress(OSError), handed.channel:
+            handed.channel.send(b'{"ready": true}')
+
+    async def _on_upgrade(
+        self, signals: AsyncIterator[int], control: trio.SocketListener | None, metrics: list[trio.SocketListener] | None, nursery: trio.Nursery
+    ) -> None:
+        async for _ in signals:
+            if self._upgrading or self.stopping or self._draining:
+                log.warning("SIGUSR2: %s; no upgrade", "an upgrade is under way" if self._upgrading else "stopping")
+                continue
+            self._upgrading = True
+            try:
+                if await self._upgrade(control, metrics, nursery):
+                    return
+            finally:
+                self._upgrading = False
+
+    async def _upgrade(self, control: trio.SocketListener | None, metrics: list[trio.SocketListener] | None, nursery: trio.Nursery) -> bool:
+        """SIGUSR2: start a new generation from the same command line and hand it every socket;
+        once its workers are ready, drain this one. False (still serving) when it failed."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours:
+            try:
+                env = {**os.environ, UPGRADE_ENV: str(theirs.fileno())}
+                # From the event loop's thread, as the workers are (see _run_once).
+                process = subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env, pass_fds=[theirs.fileno()])  # noqa: ASYNC220
+            finally:
+                theirs.close()
+            log.info("SIGUSR2: upgrade: a new generation (pid %d) takes over the sockets", process.pid)
+            groups = {key: group.sockets for key, group in self.groups.items()}
+            with contextlib.suppress(OSError):  # it exited already: it will not answer below
+                await trio.to_thread.run_sync(hand_over, ours, groups, control.socket if control is not None else None, [m.socket for m in metrics or ()])
+            channel = trio.socket.from_stdlib_socket(ours)
+            reply = b""
+            with trio.move_on_after(UPGRADE_TIMEOUT), contextlib.suppress(OSError):  # reset: it exited with our sockets unread
+                reply = await channel.recv(MESSAGE_MAX)
+        if not reply:
+            log.error("upgrade failed: the new generation (pid %d) is not ready; this one goes on serving", process.pid)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            nursery.start_soon(_exited, process)  # reaped whenever it ends
+            return False
+        log.info("upgrade: the new generation (pid %d) serves; this one drains", process.pid)
+        self.upgraded = True
+        self.kernel.installed = False  # the rules are the new generation's now: not removed at exit
+        self._front.cancel()
+        self.stop(nursery)
+        return True
+
+    async def _all_ready(self) -> bool:
+        """Wait until every worker said it is ready the first time (True), or one exited before (False)."""
+        waiting = {w.number for w in self.workers}
+        async for number, ready in self._first_ready_events:
+            if not ready:
+                return False
+            waiting.discard(number)
+            if not waiting:
+                return True
+        return False
+
+    async def _on_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                try:
+                    await self.reload()
+                except (ConfigError, ListenError) as exc:
+                    log.error("reload failed, the old routes stay in force: %s", exc)
+            elif signum == signal.SIGUSR1:
+                log.info("SIGUSR1: every worker reopens the access log")
+                self.signal_workers(signal.SIGUSR1)
+            else:
+                log.info("%s: stopping every worker gracefully%s", signal.Signals(signum).name, " (again: at once)" if self.stopping else "")
+                if not self.stopping:
+                    systemd.notify("STOPPING=1")
+                self.stop(nursery)
+
+
+async def _exited(process: subprocess.Popen[bytes]) -> int:
+    """Wait for the process to exit (its pidfd becomes readable) and reap it: its status."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:  # reaped already (by a poll())
+        return process.wait()
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return process.wait()
+
+
+def _status(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+
+
+async def supervise(
+    args: argparse.Namespace,
+    table: RouteTable,
+    count: int,
+    control: trio.SocketListener | None,
+    metrics: list[trio.SocketListener] | None,
+    signals: AsyncIterator[int],
+    watchdog: float | None,
+    handed: Handed | None = None,
+    release: Callable[[], object] = lambda: None,
+) -> int:
+    """`triofwd serve` with `count` workers, on the control and metrics listeners the command
+    line bound (or the generation before `handed` over): 0 after a clean stop, 2 when a worker
+    could not start. ListenError (and OffloadError) when a port cannot be bound or the offload
+    rules installed: nothing started. After an upgrade `release()` is called: the control
+    socket's file and the metrics port are the new generation's, not to be removed."""
+    rundir = tempfile.mkdtemp(prefix="triofwd-workers-")  # the workers' private control sockets, 0700
+    try:
+        with trio.open_signal_receiver(signal.SIGUSR2) as upgrade:
+            supervisor = Supervisor(args, table, count, rundir, handed)
+            code = await supervisor.run(control, metrics, signals, watchdog, upgrade)
+            if supervisor.upgraded:
+                release()
+            return code
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)

@@ -1,0 +1,277 @@
+"""One worker process of `triofwd serve` with `workers` > 1: an ordinary serve() on sockets
+its supervisor bound, told apart by TRIOFWD_WORKER in its environment.
+
+What the supervisor hands a worker (`WorkerSpec`, JSON in the environment):
+
+    number     1..count; its connection ids are number * ID_SPAN + its own
+    sockets    its socket of each listener's reuseport group (fds passed to it)
+    ports      the port the supervisor got for each route on port 0
+    forwarded  offload routes the supervisor forwards in user space (nftables unusable)
+    channel    a SOCK_SEQPACKET socket to the supervisor: "ready" goes up it; a reload
+               (with the sockets of new listeners, SCM_RIGHTS) comes down it, its result
+               goes back; its end (EOF) means the supervisor is gone
+    control    the path of the worker's private control socket, which the supervisor's
+               own control socket and metrics read from
+
+The worker dies with its supervisor: PR_SET_PDEATHSIG (SIGTERM: it drains like on any
+SIGTERM), and the channel's EOF for the moment between fork and prctl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import msgspec
+import trio
+
+from ._accesslog import AccessLogFile, LineSink
+from ._config import read_config
+from ._errors import ConfigError, ListenError
+from ._offload import ForeignRules
+from ._server import Forwarder, serve
+from ._systemd import Bound, PassedSockets
+from ._table import RouteTable, compile_table, with_routes
+from .control import ControlServer, bind_control_socket
+
+__all__ = [
+    "ID_SPAN",
+    "WORKER_ENV",
+    "HandedSockets",
+    "Reload",
+    "WorkerSpec",
+    "die_with",
+    "receive_fds",
+    "serve_worker",
+    "share",
+    "tag_logs",
+    "worker_spec",
+    "worker_table",
+]
+
+log = logging.getLogger("triofwd.worker")
+
+WORKER_ENV = "TRIOFWD_WORKER"
+# A connection's id across workers: worker number * ID_SPAN + the worker's own id, so that
+# `kill 2000000000017` reaches worker 2's connection 17 (and the decimal shows it).
+ID_SPAN = 10**12
+# One channel message (JSON) and the sockets that may ride with it.
+MESSAGE_MAX = 64 * 1024
+FDS_MAX = 250  # SCM_MAX_FD is 253
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class WorkerSpec(msgspec.Struct, kw_only=True):
+    """What the supervisor tells a worker it starts (TRIOFWD_WORKER, JSON)."""
+
+    number: int
+    count: int
+    parent: int  # the supervisor's pid
+    channel: int  # fd
+    control: str
+    sockets: list[int]  # fds
+    ports: dict[str, int] = {}
+    forwarded: list[str] = []
+
+
+class Reload(msgspec.Struct, kw_only=True):
+    """Down the channel: reload the route file, with these ports and offload verdicts; the
+    sockets of new listeners ride with it."""
+
+    ports: dict[str, int]
+    forwarded: list[str]
+
+
+def worker_spec() -> WorkerSpec | None:
+    """This process's WorkerSpec, or None when it is not a worker. Taken out of the
+    environment: a process this one starts is not a worker of the same supervisor."""
+    text = os.environ.pop(WORKER_ENV, None)
+    return None if text is None else msgspec.json.decode(text, type=WorkerSpec)
+
+
+class HandedSockets(PassedSockets):
+    """The listening sockets the supervisor handed this worker, claimed by the address they
+    are bound to (as systemd's are). A listener that stops closes its copy: the supervisor
+    holds the socket for as long as the listener lives, and closes it when it goes."""
+
+    def add(self, sockets: Iterable[socket.socket]) -> None:
+        self._free.extend((f"fd {sock.fileno()}", sock, Bound.of(sock)) for sock in sockets)
+
+    def give_back(self, sock: socket.socket) -> bool:
+        self._taken.pop(sock, None)
+        return False  # the caller closes it
+
+    def close_unclaimed(self) -> None:
+        """Close what no listener took (after a start or a reload): a copy kept here would
+        keep its socket listening, with no one accepting, after the supervisor closed its own."""
+        for _, sock, _ in self._free:
+            sock.close()
+        self._free.clear()
+
+
+def worker_table(path: str, ports: Mapping[str, int], number: int, count: int) -> RouteTable:
+    """The route file as worker `number` of `count` serves it: each port-0 route on the port
+    the supervisor bound for it, and the connection limits shared out (see `share`)."""
+    config = read_config(path)
+    for route in config.routes:
+        if route.ports == [0] and route.name in ports:
+            route.ports = [ports[route.name]]
+    try:
+        table = compile_table(config)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, path) from None
+    return share(table, number, count)
+
+
+def share(table: RouteTable, number: int, count: int) -> RouteTable:
+    """max_connections ([settings] and each route's) split among `count` workers: worker
+    `number` takes its part of N // count, the first N % count one more; at least 1 each,
+    since 0 would mean no limit. Per-IP limits are not split: the supervisor sends each
+    client address to one worker, which counts all of that client's connections."""
+
+    def part(total: int) -> int:
+        return total and max(1, total // count + (number - 1 < total % count))
+
+    routes = [dataclasses.replace(r, limits=dataclasses.replace(r.limits, max_connections=part(r.limits.max_connections))) for r in table.routes]
+    return dataclasses.replace(with_routes(table, routes), limits=dataclasses.replace(table.limits, max_connections=part(table.limits.max_connections)))
+
+
+def receive_fds(ancdata: Iterable[tuple[int, int, bytes]]) -> list[socket.socket]:
+    """The sockets an SCM_RIGHTS message carried."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return [socket.socket(fileno=fd) for fd in fds]
+
+
+def die_with(parent: int) -> None:
+    """SIGTERM this process when the supervisor dies (prctl(2) PR_SET_PDEATHSIG); if it died
+    before the call, now. SIGINT is ignored: a Ctrl-C reaches the whole process group, and
+    the supervisor stops its workers itself (a second SIGTERM from it would cut the grace)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fail(message: str) -> int:
+    print(f"triofwd: {message}", file=sys.stderr)
+    return 2
+
+
+async def serve_worker(args: argparse.Namespace, spec: WorkerSpec) -> int:
+    """The worker's life: serve, tell the supervisor it is ready, obey it, stop on SIGTERM."""
+    channel = trio.socket.from_stdlib_socket(socket.socket(fileno=spec.channel))
+    handed = HandedSockets([])
+    handed.add(socket.socket(fileno=fd) for fd in spec.sockets)
+    rules = ForeignRules(frozenset(spec.forwarded))
+    try:
+        table = worker_table(args.routefile, spec.ports, spec.number, spec.count)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    access_log: LineSink | None = None
+    log_file: AccessLogFile | None = None
+    if args.access_log == "-":
+        access_log = sys.stdout
+    elif args.access_log:
+        try:
+            access_log = log_file = AccessLogFile(args.access_log)  # O_APPEND, one write a line: whole lines among workers
+        except OSError as exc:
+            return _fail(f"cannot open access log {args.access_log}: {exc.strerror or exc}")
+    try:
+        with (
+            channel,
+            trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2) as signals,
+            bind_control_socket(spec.control) as control,
+        ):
+            async with trio.open_nursery() as nursery:
+                try:
+                    fwd: Forwarder = await nursery.start(
+                        lambda task_status: serve(
+                            table, access_log=access_log, passed=handed, kernel=rules, first_id=spec.number * ID_SPAN + 1, task_status=task_status
+                        )
+                    )
+                except (ListenError, ConfigError) as exc:
+                    return _fail(str(exc))
+                handed.close_unclaimed()
+                nursery.start_soon(ControlServer(fwd).serve, [control])
+                await channel.send(b'{"ready": true}')
+                nursery.start_soon(_obey, fwd, channel, handed, rules, args.routefile, spec)
+                nursery.start_soon(_on_signals, fwd, signals, log_file)
+                await fwd.wait_stopped()
+                nursery.cancel_scope.cancel()
+    except ListenError as exc:  # the private control socket
+        return _fail(str(exc))
+    finally:
+        if log_file is not None:
+            log_file.close()
+        # The last worker out removes the supervisor's directory of control sockets, in case
+        # the supervisor was killed (it removes it itself when it stops).
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(spec.control))
+    return 0
+
+
+async def _obey(fwd: Forwarder, channel: trio.socket.SocketType, handed: HandedSockets, rules: ForeignRules, path: str, spec: WorkerSpec) -> None:
+    """The supervisor's requests, one at a time, until its end of the channel closes."""
+    while True:
+        data, ancdata, _, _ = await channel.recvmsg(MESSAGE_MAX, socket.CMSG_SPACE(FDS_MAX * 4), socket.MSG_CMSG_CLOEXEC)
+        handed.add(receive_fds(ancdata))
+        if not data:
+            if not fwd.stopping:
+                log.warning("the supervisor is gone: stopping")
+                fwd.shutdown()
+            return
+        request = msgspec.json.decode(data, type=Reload)
+        rules.forwarded = frozenset(request.forwarded)
+        reply: dict[str, Any]
+        try:
+            reply = {"reloaded": await fwd.reload(worker_table(path, request.ports, spec.number, spec.count))}
+        except (ConfigError, ListenError) as exc:
+            log.error("reload failed, the old routes stay in force: %s", exc)
+            reply = {"error": str(exc)}
+        handed.close_unclaimed()
+        await channel.send(json.dumps(reply).encode())
+
+
+def tag_logs(number: int) -> None:
+    """Every log line of this worker carries worker=N."""
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.fields = {**getattr(record, "fields", {}), "worker": number}
+        return True
+
+    for handler in logging.getLogger("triofwd").handlers:
+        handler.addFilter(tag)
+
+
+async def _on_signals(fwd: Forwarder, signals: AsyncIterator[int], log_file: AccessLogFile | None) -> None:
+    """SIGTERM as in one process (the supervisor sends it; SIGINT is ignored); SIGUSR1 reopens the
+    access log (the supervisor passes it on); SIGHUP and SIGUSR2 are the supervisor's."""
+    async for signum in signals:
+        if signum in (signal.SIGHUP, signal.SIGUSR2):
+            log.info("%s is the supervisor's to act on: ignored by a worker", signal.Signals(signum).name)
+        elif signum == signal.SIGUSR1:
+            if log_file is not None:
+                try:
+                    log_file.reopen()
+                except OSError as exc:
+                    log.error("cannot reopen the access log %s, still writing to the old file: %s", log_file.path, exc.strerror or exc)
+        elif not fwd.stopping:
+            fwd.shutdown()
+        else:
+            fwd.shutdown(grace=0)
