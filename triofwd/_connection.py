@@ -77,12 +77,8 @@ async def run_connection(ctx: ConnectionContext, sock: socket.socket, peer: tupl
             await action
         if conn.scope.cancelled_caught:
             conn.settle(Reason.LIFETIME_EXCEEDED)  # kill() and end() record theirs before cancelling
-    except BaseException as exc:
-        escaping = _settle_from(conn, exc)
-        if escaping is exc:
-            raise
-        if escaping is not None:
-            raise escaping from None
+    except BaseException as exc:  # noqa: BLE001 - _leave raises again what must leave
+        _leave(conn, exc)
     finally:
         sock.close()  # without an await: nothing on its way out is replaced
         ctx.closed(conn)
@@ -118,15 +114,21 @@ async def run_session(ctx: ConnectionContext, flow: Flow) -> None:
             await UDP_ACTIONS[route.kind](ctx, conn, flow, route)
         if conn.scope.cancelled_caught:
             conn.settle(Reason.LIFETIME_EXCEEDED)
-    except BaseException as exc:
-        escaping = _settle_from(conn, exc)
-        if escaping is exc:
-            raise
-        if escaping is not None:
-            raise escaping from None
+    except BaseException as exc:  # noqa: BLE001 - _leave raises again what must leave
+        _leave(conn, exc)
     finally:
         ctx.engine.datagrams.forget(flow)  # its socket closes; a refused flow is remembered
         ctx.closed(conn)
+
+
+def _leave(conn: Connection | Session, exc: BaseException) -> None:
+    """Record what `exc` means for `conn`; raise again only what must leave it (see
+    `_settle_from`), so that nothing else reaches the nursery of all connections."""
+    escaping = _settle_from(conn, exc)
+    if escaping is exc:
+        raise exc
+    if escaping is not None:
+        raise escaping from None
 
 
 def _settle_from(conn: Connection, exc: BaseException) -> BaseException | None:
