@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-__all__ = ["UDP_OWNER", "IPAddress", "IPNetwork", "ListenKey", "client_address", "format_address", "in_any", "is_udp"]
+__all__ = ["UDP_OWNER", "IPAddress", "IPNetwork", "ListenKey", "client_address", "format_address", "in_any", "is_udp", "merge_ranges"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -44,3 +44,14 @@ def client_address(text: str) -> IPAddress:
 
 def in_any(ip: IPAddress, networks: Iterable[IPNetwork]) -> bool:
     return any(ip.version == net.version and ip in net for net in networks)
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Inclusive (low, high) ranges, overlapping and adjacent ones merged, in order."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return tuple(merged)

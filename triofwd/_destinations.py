@@ -67,7 +67,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ._addresses import IPAddress, IPNetwork
+from ._addresses import IPAddress, IPNetwork, merge_ranges
 
 __all__ = [
     "Destination",
@@ -163,22 +163,12 @@ def parse_port_spec(text: str) -> PortRanges:
         if first > last:
             raise ValueError(f"invalid ports {text!r}: range {part!r} runs backwards")
         ranges.append((first, last))
-    return _merge(ranges)
+    return merge_ranges(ranges)
 
 
 def _is_port(text: str) -> bool:
     # isdigit() alone would let "²" and other Unicode digits through.
     return text.isascii() and text.isdigit() and len(text) <= 5 and MIN_PORT <= int(text) <= MAX_PORT
-
-
-def _merge(ranges: list[tuple[int, int]]) -> PortRanges:
-    merged: list[tuple[int, int]] = []
-    for low, high in sorted(ranges):
-        if merged and low <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
-        else:
-            merged.append((low, high))
-    return tuple(merged)
 
 
 def parse_destination(text: str) -> Destination:

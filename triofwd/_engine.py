@@ -48,6 +48,7 @@ from typing import Any
 import outcome
 import trio
 
+from . import _rawsock as rawsock
 from ._datagrams import Datagrams
 from ._errors import ConnectionEnded
 from ._idle import IdleWatch
@@ -327,22 +328,10 @@ class Engine:
         """A connected non-blocking socket (TCP_NODELAY set) to an IP address, within
         `timeout` (trio.TooSlowError past it); OSError with the connect's errno.
 
-        What `_rawsock.connect` does in a scope, done with the engine: the socket waits in
+        `_rawsock.connect`, its wait done by the engine: the socket waits in
         its epoll (one-shot, left there disabled for the relay to re-enable: one epoll_ctl
         fewer than trio's registration and the relay's) and the timeout on its timers."""
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            error = sock.connect_ex(address)
-            if error == errno.EINPROGRESS:
-                await self._connected(sock.fileno(), timeout)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, os.strerror(error))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return await rawsock.connect(family, address, lambda sock: self._connected(sock.fileno(), timeout))
 
     async def _connected(self, fd: int, timeout: float) -> None:
         waiting = Connecting(fd, trio.lowlevel.current_task())

@@ -66,7 +66,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ._addresses import IPAddress, IPNetwork
+from ._addresses import IPAddress, IPNetwork, merge_ranges
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -223,13 +223,7 @@ def _merge_ports(name: str, values: object) -> tuple[tuple[int, int], ...]:
             raise NftError(f"route {name!r}: listen port {value!r} is neither a port in 1-65535 nor an ordered (low, high) pair of such ports")
     # Merge overlapping and adjacent ranges: nft refuses overlapping
     # intervals in a set, and merged text is canonical.
-    merged: list[tuple[int, int]] = []
-    for low, high in sorted(ranges):
-        if merged and low <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
-        else:
-            merged.append((low, high))
-    return tuple(merged)
+    return merge_ranges(ranges)
 
 
 def _family_word(version: int) -> str:

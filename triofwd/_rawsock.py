@@ -11,6 +11,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -54,15 +55,16 @@ class closing:
         self.sock.close()
 
 
-async def connect(family: int, address: tuple[str, int]) -> socket.socket:
-    """A connected non-blocking socket (TCP_NODELAY set): one non-blocking connect, then a
-    wait for it to complete. Raises OSError with the connect's errno."""
+async def connect(family: int, address: tuple[str, int], wait: Callable[[socket.socket], Awaitable[object]] = trio.lowlevel.wait_writable) -> socket.socket:
+    """A connected non-blocking socket (TCP_NODELAY set): one non-blocking connect, then
+    `wait` for it to complete (trio's wait_writable; the data engine passes its own). Raises
+    OSError with the connect's errno."""
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = sock.connect_ex(address)
         if error == errno.EINPROGRESS:
-            await trio.lowlevel.wait_writable(sock)
+            await wait(sock)
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))

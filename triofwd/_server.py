@@ -31,7 +31,7 @@ from ._listeners import Listeners, Opened, bind_all, close_all, offload_only
 from ._offload import KernelRules, kernel_rules
 from ._record import Connection
 from ._systemd import PassedSockets
-from ._table import RouteTable, as_table
+from ._table import RouteTable, as_table, route_changes
 
 __all__ = ["Forwarder", "serve"]
 
@@ -172,13 +172,7 @@ class Forwarder:
         self._listeners.listen(opened)
         self._listeners.close(k for k in self._listeners.by_key if k not in table.by_listener)
         self._listeners.configure(table)
-        before = {r.name: r for r in old.routes}
-        after = {r.name: r for r in table.routes}
-        change = {
-            "added": sorted(after.keys() - before.keys()),
-            "removed": sorted(before.keys() - after.keys()),
-            "changed": sorted(n for n in before.keys() & after.keys() if before[n].spec != after[n].spec),
-        }
+        change = route_changes(old, table)
         log.info("reloaded: %d routes (added %s, removed %s, changed %s)", len(table.routes),
                  change["added"], change["removed"], change["changed"])  # fmt: skip
         return change

@@ -41,7 +41,7 @@ from ._listeners import offload_only
 from ._metrics_http import serve_metrics_on
 from ._offload import KernelRules, forwarded_instead, kernel_rules
 from ._reuseport import Group, bind_group, close_groups, steer, steered_keys
-from ._table import RouteTable, load_table
+from ._table import RouteTable, load_table, route_changes
 from ._upgrade import UPGRADE_ENV, Handed, hand_over
 from ._worker import MESSAGE_MAX, WORKER_ENV, Reload, WorkerSpec
 from .control.workers import WorkersControl
@@ -292,12 +292,7 @@ class Supervisor:
                     self.groups.pop(key).close()
                 for key, group in self.groups.items():
                     self._steer(group, key in steered)
-                before, after = {r.name: r for r in old.routes}, {r.name: r for r in table.routes}
-                change = {
-                    "added": sorted(after.keys() - before.keys()),
-                    "removed": sorted(before.keys() - after.keys()),
-                    "changed": sorted(n for n in before.keys() & after.keys() if before[n].spec != after[n].spec),
-                }
+                change = route_changes(old, table)
                 log.info("reloaded: %d routes (added %s, removed %s, changed %s)", len(table.routes),
                          change["added"], change["removed"], change["changed"])  # fmt: skip
                 return change

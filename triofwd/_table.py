@@ -40,7 +40,7 @@ from ._tls import RouteTLS
 # may have that name (the stats module's UNROUTED; tests check the two agree).
 UNROUTED_NAME = "-"
 
-__all__ = ["CompiledRoute", "RouteTable", "as_table", "compile_table", "load_config", "load_table"]
+__all__ = ["CompiledRoute", "RouteTable", "as_table", "compile_table", "load_config", "load_table", "route_changes"]
 
 
 # What a route does with a connection, decided when the table is compiled: action =
@@ -206,6 +206,16 @@ class RouteTable:
                     return Reason.IP_BLOCKED
             return route
         return Reason.IP_BLOCKED if turned_away else Reason.NO_ROUTE
+
+
+def route_changes(old: RouteTable, new: RouteTable) -> dict[str, list[str]]:
+    """What a reload changes, by route name: added, removed, and changed (its spec differs)."""
+    before, after = {r.name: r for r in old.routes}, {r.name: r for r in new.routes}
+    return {
+        "added": sorted(after.keys() - before.keys()),
+        "removed": sorted(before.keys() - after.keys()),
+        "changed": sorted(n for n in before.keys() & after.keys() if before[n].spec != after[n].spec),
+    }
 
 
 def domain_matches(pattern: str, name: str) -> bool:
