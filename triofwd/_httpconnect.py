@@ -92,6 +92,10 @@ class ConnectReader:
         self._target: tuple[str, int] | None = None
         self._credentials: tuple[bytes, bytes] | None = None
         self._finished = False
+        # A read that ends between a line's CR and its LF: the CR waits for the next read, so
+        # that h11 always sees a line end whole (its answer to b"\r" then b"\n" differs from
+        # its answer to b"\r\n": what the client sent, not how it was split, decides).
+        self._held = b""
 
     def feed(self, data: bytes) -> ConnectRequest | None:
         """Add bytes read from the client (``b""``: it closed). The request once the head
@@ -100,7 +104,17 @@ class ConnectReader:
             raise RuntimeError("feed() after the request was read or refused")
         self._fed += len(data)
         try:
-            self._conn.receive_data(data)
+            if not data:  # the client closed: what was held goes first
+                if self._held:
+                    self._conn.receive_data(self._held)
+                    self._held = b""
+                self._conn.receive_data(b"")
+            else:
+                data, self._held = self._held + data, b""
+                if data.endswith(b"\r"):
+                    data, self._held = data[:-1], b"\r"
+                if data:
+                    self._conn.receive_data(data)
             return self._next()
         except h11.RemoteProtocolError as exc:
             self._finished = True
@@ -127,6 +141,7 @@ class ConnectReader:
                 assert self._target is not None
                 self._finished = True
                 leftover, _closed = self._conn.trailing_data
+                leftover, self._held = leftover + self._held, b""  # a CR held back is the tunnel's too
                 # h11 bounds a head it is still waiting for; one that arrived whole in a
                 # single read is bounded here.
                 if self._fed - len(leftover) > self._max_head_bytes:
