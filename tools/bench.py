@@ -1,14 +1,17 @@
 """Side-by-side benchmark of triofwd and the forwarders users would pick instead.
 
     python tools/bench.py [--quick] [--only triofwd,haproxy] [--duration S] [--runs R] [--idle N]
-                          [--measure bulk,http,idle,tls] [--triofwd-at REV] [--json PATH] [--no-pin]
+                          [--measure bulk,http,idle,tls,udp] [--udp-flows F] [--triofwd-at REV]
+                          [--json PATH] [--no-pin]
+    python tools/bench.py --measure udp          # the UDP group alone (triofwd, nginx, socat)
 
 `make bench` installs the tools first (tools/bench_setup.sh) and runs this with the defaults.
 
 Everything talks to 127.0.0.1. The backends are an iperf3 server (bulk), nginx answering
-`200 ok` with keep-alive (HTTP; tools/demo_backend.py when nginx is missing) and an idle
-listener inside this process (memory). Each forwarder runs as one process (socat: one per
-connection, as it is used) in front of them, started fresh for every group of measurements:
+`200 ok` with keep-alive (HTTP; tools/demo_backend.py when nginx is missing), an idle
+listener inside this process (memory) and a UDP echo target (tools/udp_load.py echo). Each
+forwarder runs as one process (socat: one per connection or UDP flow, as it is used) in front
+of them, started fresh for every group of measurements:
 
   bulk 1 / 8 streams   iperf3 -c ... -t DURATION [-P 8], receiver's rate, GB/s = 10^9 bytes/s
   keep-alive req/s     wrk -t2 -c64 -d DURATION --latency (p99 from its latency distribution)
@@ -20,6 +23,14 @@ connection, as it is used) in front of them, started fresh for every group of me
                        proportional set size (Pss, /proc/PID/smaps_rollup, summed over its
                        session: nginx's workers, socat's children) divided by N; measured on
                        a process that has served nothing else yet
+  UDP datagrams/s      tools/udp_load.py load: --udp-flows (64) flows (a client socket each, a
+                       session each in the forwarder), one datagram of 64 bytes in flight per flow (send, wait
+                       for the echo, send the next), for DURATION; datagrams through the
+                       forwarder per second, each way counted (2 per round trip); p99 of the
+                       round trips; the generator's and the echo target's own CPU shares too
+  KiB / idle UDP sess  N flows each make one round trip through a fresh forwarder and are left
+                       idle (sessions held: 1 h inactivity limits), then the growth of the
+                       forwarder's Pss (as for KiB / idle conn) divided by N
 
 Every measurement is repeated --runs times and the median reported; the runs go round the
 forwarders in turn (order rotated each round) so the machine's noise falls on all of them
@@ -47,6 +58,7 @@ import os
 import platform
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -59,6 +71,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from udp_load import client_address  # tools/, this script's directory
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -74,6 +88,9 @@ METRICS = {  # key: (column title, unit, higher is better)
     "cps": ("new conn/s", "conn/s", True),
     "idle": ("KiB / idle conn", "KiB", False),
     "tls": ("TLS keep-alive req/s", "req/s", True),
+    "udp": ("UDP datagrams/s", "datagrams/s", True),
+    "udp_p99": ("UDP p99 ms", "ms", False),
+    "udp_idle": ("KiB / idle UDP session", "KiB", False),
 }
 # The same throughputs divided by the forwarder's CPU share during the measurement: work per
 # second of the forwarder's own CPU time. On a shared machine, where other work takes the
@@ -84,10 +101,15 @@ PER_CPU = {  # key: (column title, metric, its CPU share key)
     "rps": ("keep-alive req per CPU-s", "rps_cpu"),
     "cps": ("new conn per CPU-s", "cps_cpu"),
     "tls": ("TLS req per CPU-s", "tls_cpu"),
+    "udp": ("UDP datagrams per CPU-s", "udp_cpu"),
 }
-GROUPS = {"idle": ["idle"], "bulk": ["bulk1", "bulk8"], "http": ["rps", "p99", "cps"], "tls": ["tls"]}
+GROUPS = {"idle": ["idle"], "bulk": ["bulk1", "bulk8"], "http": ["rps", "p99", "cps"], "tls": ["tls"],
+          "udp": ["udp", "udp_p99", "udp_idle"]}  # fmt: skip
 
 HTTP_CONNECTIONS = 64
+UDP_FLOWS = 64  # as many flows as wrk's keep-alive connections: the two rows compare
+UDP_SIZE = 64  # bytes per datagram: a small query and its answer
+UDP_IDLE_TIMEOUT = 3600  # seconds: every forwarder holds an idle UDP session this long
 WRK_THREADS = 2
 PARALLEL_STREAMS = 8
 START_TIMEOUT = 10.0  # a forwarder or backend must be listening within this
@@ -265,6 +287,32 @@ def wait_listening(proc: Proc, port: int, timeout: float = START_TIMEOUT) -> Non
         if time.monotonic() > deadline:
             raise MeasureError(f"{proc.name} not listening on {port} after {timeout:.0f}s: {proc.log_tail()}")
         time.sleep(0.02)
+
+
+def udp_bound(port: int) -> bool:
+    """Is a UDP socket bound to 127.0.0.1:port (or the wildcard)? Read from /proc, nothing sent."""
+    want = (f"0100007F:{port:04X}", f"00000000:{port:04X}")
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[1] in want for line in lines)
+
+
+def wait_udp_bound(proc: Proc, port: int, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not udp_bound(port):
+        if not proc.alive():
+            raise MeasureError(f"{proc.name} exited with {proc.popen.returncode}: {proc.log_tail()}")
+        if time.monotonic() > deadline:
+            raise MeasureError(f"{proc.name} not bound to UDP port {port} after {timeout:.0f}s: {proc.log_tail()}")
+        time.sleep(0.02)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOCALHOST, 0))
+        return s.getsockname()[1]
 
 
 # Rows whose port listens before they serve (a supervisor binds it, then starts its workers):
@@ -500,6 +548,72 @@ def tls_nginx(rig: Rig, port: int, target: int) -> list[str]:
     return _nginx_conf(rig, f"nginx-tls-{port}", body, f"load_module {module};")
 
 
+# UDP: each forwarder takes datagrams on 127.0.0.1:port and keeps a session per client flow
+# (address and port) with a socket of its own to the echo target, held UDP_IDLE_TIMEOUT idle.
+
+
+def udp_triofwd(rig: Rig, port: int, target: int, workers: int = 1) -> list[str]:
+    """One `protocol = "udp"` route; `responses` unset (0): a flow's session carries every exchange."""
+    routes = rig.tmp / f"triofwd-udp-{port}-{workers}.toml"
+    routes.write_text(
+        f"""# generated by tools/bench.py
+[settings]
+max_connections = {rig.maxconn}
+shutdown_grace  = "1s"
+workers         = {workers}
+
+[[routes]]
+name     = "bench-udp"
+protocol = "udp"
+ports    = [{port}]
+bind     = "{LOCALHOST}"
+targets  = ["{LOCALHOST}:{target}"]
+inactivity_timeout = "{UDP_IDLE_TIMEOUT}s"
+"""
+    )
+    return [rig.python, "-m", "triofwd", "serve", str(routes), "--log-level", "info" if workers > 1 else "warning"]
+
+
+def udp_triofwd_2_workers(rig: Rig, port: int, target: int) -> list[str]:
+    return udp_triofwd(rig, port, target, workers=2)
+
+
+def udp_nginx(rig: Rig, port: int, target: int) -> list[str]:
+    """`listen ... udp`: a session per client address, as triofwd's. No proxy_responses (nor
+    proxy_requests): a flow of many exchanges stays one session until proxy_timeout, where
+    `proxy_responses 1` is for one query and its answer."""
+    module = _nginx_module("ngx_stream_module.so")
+    body = f"""stream {{
+    server {{
+        listen {LOCALHOST}:{port} udp;
+        proxy_pass {LOCALHOST}:{target};
+        proxy_timeout {UDP_IDLE_TIMEOUT}s;
+    }}
+}}"""
+    return _nginx_conf(rig, f"nginx-udp-{port}", body, f"load_module {module};")
+
+
+def udp_socat(rig: Rig, port: int, target: int) -> list[str]:
+    """UDP4-LISTEN with fork: a child per client flow, connected to it, for the flow's life
+    (-T: the idle limit). UDP4-RECVFROM with fork would fork a child per datagram."""
+    binary = _need("socat")
+    return [binary, "-T", str(UDP_IDLE_TIMEOUT), f"UDP4-LISTEN:{port},bind={LOCALHOST},fork,reuseaddr", f"UDP4:{LOCALHOST}:{target}"]
+
+
+UDP_COMMANDS: dict[str, Callable[[Rig, int, int], list[str]]] = {
+    "triofwd": udp_triofwd,
+    "triofwd_2_workers": udp_triofwd_2_workers,
+    "nginx": udp_nginx,
+    "socat": udp_socat,
+}
+UDP_MISSING = {  # rows with no UDP forwarding: why
+    "haproxy": "HAProxy (community) does not proxy UDP",
+    "plain_trio": "a TCP forwarder",
+    "asyncio_uvloop": "a TCP forwarder",
+    "trio_engine_prototype": "a TCP forwarder",
+}
+
+
 def triofwd_at(rev: str, tmp: Path) -> tuple[str, Path]:
     """The triofwd package of git revision `rev`, extracted under `tmp`: (row name, its directory).
 
@@ -586,6 +700,7 @@ class Backends:
         self.http_server = ""
         self.iperf: Proc | None = None
         self.idle: IdleBackend | None = None
+        self.echo: Proc | None = None  # the UDP echo target
         if "bulk" in groups:
             self._try("bulk", self._start_iperf)
         if "http" in groups or "tls" in groups:
@@ -597,6 +712,8 @@ class Backends:
         if "idle" in groups:
             self.idle = IdleBackend()
             self.ports["idle"] = self.idle.port
+        if "udp" in groups:
+            self._try("udp", self._start_echo)
 
     def _try(self, group: str, start: Callable[[], None]) -> None:
         try:
@@ -618,6 +735,12 @@ class Backends:
             self.procs.stop(self.iperf)
         self.ports.pop("bulk", None)
         self._try("bulk", self._start_iperf)
+
+    def _start_echo(self) -> None:
+        port = free_udp_port()
+        self.echo = self.procs.start("udp-echo", [self.rig.python, str(HERE / "udp_load.py"), "echo", "--port", str(port)])
+        wait_udp_bound(self.echo, port)
+        self.ports["udp"] = port
 
     def _start_http(self) -> None:
         _need("wrk")
@@ -853,6 +976,112 @@ def measure_idle(proc: Proc, port: int, backend: IdleBackend, n: int) -> dict[st
     return {"idle": (after - before) / n, "pss_before_kib": before, "pss_after_kib": after}
 
 
+def measure_udp(port: int, duration: float, flows: int, proc: Proc | None, echo: Proc, rig: Rig, others: str, cpu: dict[str, float]) -> dict[str, float]:
+    """tools/udp_load.py load through `port`: datagrams/s (both ways), round-trip p99, losses,
+    and the CPU shares over the timed part alone: the forwarder's (into `cpu`, as cpu_share
+    records it), the generator's own, the echo target's, and how busy the load's CPUs were.
+
+    The flows are set up (a round trip each, one by one) before the timed part. The CPU times
+    are read before the tool is told to go and after it says it stopped sending, and divided
+    by the tool's own timed seconds: nothing else runs through the forwarder in between.
+    """
+    argv = [rig.python, str(HERE / "udp_load.py"), "load", str(port), "--flows", str(flows), "--size", str(UDP_SIZE),
+            "--duration", f"{duration:g}", "--announce"]  # fmt: skip
+    tool = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    assert tool.stdin is not None
+    try:
+        if _read_line(tool, 30.0) != "ready":
+            raise MeasureError(f"udp_load did not set up its flows: {_tool_error(tool)}")
+        fwd_cpus = rig.forwarder_cpus
+        f0 = cpu_seconds(proc.pid) if proc is not None else 0.0
+        b0, e0, l0 = cpus_busy(fwd_cpus), cpu_seconds(echo.pid), cpus_busy(others)
+        tool.stdin.write("go\n")
+        tool.stdin.flush()
+        if _read_line(tool, duration + 20) != "stop":
+            raise MeasureError(f"udp_load did not finish: {_tool_error(tool)}")
+        b1, e1, l1 = cpus_busy(fwd_cpus), cpu_seconds(echo.pid), cpus_busy(others)
+        f1 = cpu_seconds(proc.pid) if proc is not None else 0.0
+        line = _read_line(tool, 20)
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MeasureError(f"udp_load printed no JSON: {line[-200:]!r} {_tool_error(tool)}") from exc
+    finally:
+        if tool.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(tool.pid, signal.SIGKILL)
+        tool.wait()
+    seconds = report["seconds"]
+    if not report["round_trips"]:
+        raise MeasureError(f"udp_load: no round trip completed through {port} ({report['lost']} lost)")
+    if proc is not None:
+        cpu["udp_cpu"] = round((f1 - f0) / seconds, 3)
+        cpu["udp_cpu_busy"] = round((b1 - b0) / seconds / _ncpus(fwd_cpus), 3)
+    return {
+        "udp": report["datagrams"] / seconds,
+        "udp_p99": report["rtt_p99_ms"],
+        "udp_p50": report["rtt_p50_ms"],
+        "udp_lost": report["lost"],
+        "udp_errors": report["errors"],
+        "udp_load_cpu": round(report["cpu_s"] / seconds, 3),
+        "udp_echo_cpu": round((e1 - e0) / seconds, 3),
+        "udp_load_busy": round((l1 - l0) / seconds / _ncpus(others), 3),
+    }
+
+
+def _ncpus(cpus: str) -> int:
+    return len(cpus.split(",")) if cpus else (os.cpu_count() or 1)
+
+
+def _read_line(tool: subprocess.Popen[str], timeout: float) -> str:
+    """The next line the tool prints, within `timeout` ("" when it ends or times out)."""
+    assert tool.stdout is not None
+    ready, _, _ = select.select([tool.stdout], [], [], timeout)
+    return tool.stdout.readline().strip() if ready else ""
+
+
+def _tool_error(tool: subprocess.Popen[str]) -> str:
+    if tool.poll() is None:
+        return "(still running)"
+    assert tool.stderr is not None
+    return f"exited {tool.returncode}: {tool.stderr.read().strip()[-300:]}"
+
+
+def measure_udp_idle(proc: Proc, port: int, n: int) -> dict[str, float]:
+    """KiB of forwarder Pss per idle UDP session: n flows, each from an address of its own (as
+    the load's flows), makes one round trip and is left idle. One flow at a time: socat forks a
+    process per new flow and must see them one by one."""
+    before = _settled_pss(proc.pid)
+    clients: list[socket.socket] = []
+    deadline = time.monotonic() + 60 + n / 50
+    try:
+        for i in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            clients.append(s)
+            s.settimeout(2)
+            s.bind((client_address(i), 0))
+            s.connect((LOCALHOST, port))
+            for _ in range(3):
+                s.send(b"x")
+                try:
+                    if s.recv(16) == b"x":
+                        break
+                except TimeoutError:
+                    continue
+            else:
+                raise MeasureError(f"idle UDP sessions: no echo for flow {i + 1} of {n}")
+            if time.monotonic() > deadline or not proc.alive():
+                raise MeasureError(f"idle UDP sessions: {i + 1} of {n} made in time")
+        after = _settled_pss(proc.pid)
+    except OSError as exc:
+        raise MeasureError(f"idle UDP sessions: {exc}") from exc
+    finally:
+        for s in clients:
+            s.close()
+    return {"udp_idle": (after - before) / n, "udp_pss_before_kib": before, "udp_pss_after_kib": after}
+
+
 # ---------------------------------------------------------------------------------------------
 # The run.
 
@@ -865,6 +1094,7 @@ class Settings:
     omit: int
     rows: list[str]
     groups: list[str]
+    udp_flows: int = UDP_FLOWS
 
 
 class Results:
@@ -928,24 +1158,52 @@ def run_group(
     if target is None:
         results.fail(row, metrics, backends.why.get(group, "no backend"))
         return
+    if group == "udp" and row == "direct":
+        results.fail(row, ["udp_idle"], "no forwarder")
+        metrics = [m for m in metrics if m != "udp_idle"]
+
+    def start() -> tuple[Proc | None, int]:
+        """The row's forwarder, fresh, serving: (its process, the port it takes) (direct: None, the backend's)."""
+        if row == "direct":
+            return None, target
+        udp = group == "udp"
+        port = free_udp_port() if udp else free_port()
+        commands = TLS_COMMANDS if group == "tls" else UDP_COMMANDS if udp else COMMANDS
+        if row in rig.triofwd_revs:  # an older triofwd, run from its extracted tree
+            proc = procs.start(row, commands["triofwd"](rig, port, target), forwarder=True, cwd=rig.triofwd_revs[row])
+        elif row in commands:
+            proc = procs.start(row, commands[row](rig, port, target), forwarder=True, cwd=ROOT)
+        elif udp:
+            raise Unavailable(f"does not forward UDP: {UDP_MISSING.get(row, 'not measured so here')}")
+        else:
+            raise Unavailable("does not terminate TLS (or not measured so here)")
+        if udp:
+            wait_udp_bound(proc, port)
+        else:
+            wait_listening(proc, port)
+        if row in READY_LOG:
+            wait_logged(proc, READY_LOG[row])
+        return proc, port
+
     proc = None
     try:
-        if row == "direct":
-            port = target
-        else:
-            port = free_port()
-            commands = TLS_COMMANDS if group == "tls" else COMMANDS
-            if row in rig.triofwd_revs:  # an older triofwd, run from its extracted tree
-                proc = procs.start(row, commands["triofwd"](rig, port, target), forwarder=True, cwd=rig.triofwd_revs[row])
-            elif row in commands:
-                proc = procs.start(row, commands[row](rig, port, target), forwarder=True, cwd=ROOT)
-            else:
-                raise Unavailable("does not terminate TLS (or not measured so here)")
-            wait_listening(proc, port)
-            if row in READY_LOG:
-                wait_logged(proc, READY_LOG[row])
+        proc, port = start()
         t0 = time.monotonic()
-        if group == "idle":
+        if group == "udp":
+            values = {}
+            if proc is not None:  # idle sessions on a forwarder that has served nothing yet; the load on another
+                values.update(measure_udp_idle(proc, port, cfg.idle))
+                procs.stop(proc)
+                proc, port = start()
+            assert backends.echo is not None
+            cpu = {}
+            values.update(measure_udp(port, cfg.duration, cfg.udp_flows, proc, backends.echo, rig, procs.pin.others, cpu))
+            values.update(cpu)
+            idle_note = f", {values['udp_idle']:.2f} KiB/idle session" if "udp_idle" in values else ""
+            shown = (f"{values['udp']:,.0f} datagrams/s p99 {values['udp_p99']:.2f} ms{idle_note}" + _cpu_note(cpu)
+                     + f" [generator {values['udp_load_cpu']:.0%}, echo {values['udp_echo_cpu']:.0%}, "
+                     f"load core busy {values['udp_load_busy']:.0%}, lost {values['udp_lost']}]")  # fmt: skip
+        elif group == "idle":
             assert backends.idle is not None and proc is not None
             values = measure_idle(proc, port, backends.idle, cfg.idle)
             shown = f"{values['idle']:.2f} KiB/conn"
@@ -1055,17 +1313,17 @@ def _which(binary: str) -> bool:
 def _fmt(metric: str, value: float) -> str:
     if metric in ("bulk1", "bulk8"):
         return f"{value:.2f}"
-    if metric in ("p99", "idle"):
+    if metric in ("p99", "idle", "udp_p99", "udp_idle"):
         return f"{value:.2f}"
     return f"{value:,.0f}"
 
 
-def table(results: Results, rows: list[str], *, spread: bool = False) -> str:
-    head = ["forwarder", *(METRICS[m][0] for m in METRICS)]
+def table(results: Results, rows: list[str], metrics: list[str], *, spread: bool = False) -> str:
+    head = ["forwarder", *(METRICS[m][0] for m in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [f"**{row}**" if row == "triofwd" else row]
-        for m in METRICS:
+        for m in metrics:
             value = results.median(row, m)
             if spread:
                 s = results.spread(row, m)
@@ -1081,15 +1339,16 @@ def table(results: Results, rows: list[str], *, spread: bool = False) -> str:
     return "\n".join(lines)
 
 
-def per_cpu_table(results: Results, rows: list[str]) -> str:
-    head = ["forwarder", *(title for title, _ in PER_CPU.values())]
+def per_cpu_table(results: Results, rows: list[str], metrics: list[str]) -> str:
+    metrics = [m for m in metrics if m in PER_CPU]
+    head = ["forwarder", *(PER_CPU[m][0] for m in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = {m: results.per_cpu("triofwd", m) if "triofwd" in results.values else None for m in PER_CPU}
+    base = {m: results.per_cpu("triofwd", m) if "triofwd" in results.values else None for m in metrics}
     for row in rows:
         if row == "direct":
             continue
         cells = [f"**{row}**" if row == "triofwd" else row]
-        for m in PER_CPU:
+        for m in metrics:
             value = results.per_cpu(row, m)
             if value is None:
                 cells.append("n/a")
@@ -1100,13 +1359,34 @@ def per_cpu_table(results: Results, rows: list[str]) -> str:
     return "\n".join(lines)
 
 
-def verdicts(results: Results) -> list[str]:
-    """Each goal with the ratio measured, wall-clock and per CPU-second, judged on its basis."""
+def udp_load_table(results: Results, rows: list[str]) -> str:
+    """Where the UDP rates' limit was: the forwarder's CPU share beside the load side's (the
+    generator's own, the echo target's, and how busy their CPU was), medians over the runs."""
+    head = ["forwarder", "forwarder CPU", "generator CPU", "echo target CPU", "load CPU busy", "datagrams lost"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        runs = [r for r in results.extra[row] if "udp_load_cpu" in r]
+        if not runs:
+            continue
+
+        def med(key: str, runs: list[dict[str, Any]] = runs) -> str:
+            values = [r[key] for r in runs if key in r]
+            return f"{statistics.median(values):.0%}" if values else "n/a"
+
+        lost = sum(int(r["udp_lost"]) for r in runs)
+        lines.append(f"| {row} | {med('udp_cpu')} | {med('udp_load_cpu')} | {med('udp_echo_cpu')} | {med('udp_load_busy')} | {lost} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def verdicts(results: Results, metrics: list[str]) -> list[str]:
+    """Each goal on the `metrics` measured, with the ratio, wall-clock and per CPU-second, judged on its basis."""
     out: list[str] = []
     if "triofwd" not in results.values:
         return out
     revs = [r for r in results.values if r.startswith("triofwd@")]
     for metric, other, factor, basis in GOALS:
+        if metric not in metrics:
+            continue
         for row in revs if other == "triofwd@" else [other]:
             title = f"{METRICS[metric][0]}: triofwd {'<=' if metric == 'p99' else '>='} {factor:g}x {row} ({'per CPU-s' if basis == 'cpu' else 'wall-clock'})"
             if row not in results.values:
@@ -1147,9 +1427,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated rows to run, of: {','.join(ROWS)}")
     parser.add_argument("--duration", type=float, help="seconds per throughput measurement (default 4)")
     parser.add_argument("--runs", type=int, help="runs per measurement; the median is reported (default 3)")
-    parser.add_argument("--idle", type=int, help="idle connections for the memory measurement (default 5000)")
+    parser.add_argument("--idle", type=int, help="idle connections, and idle UDP sessions, for the memory measurements (default 5000)")
     parser.add_argument("--triofwd-at", action="append", default=[], metavar="REV",
                         help="also measure triofwd as of git revision REV (a row 'triofwd@REV'; repeatable)")  # fmt: skip
+    parser.add_argument("--udp-flows", type=int, default=UDP_FLOWS, help=f"UDP client flows, one datagram in flight each (default {UDP_FLOWS})")
     parser.add_argument("--measure", help=f"comma-separated groups to measure, of: {','.join(GROUPS)} (default all)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON})")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the forwarder and the load to separate CPUs")
@@ -1172,6 +1453,7 @@ def main(argv: list[str] | None = None) -> int:
         omit=0 if args.quick else 1,
         rows=rows,
         groups=groups,
+        udp_flows=args.udp_flows,
     )
     cfg.idle = raise_fd_limit(cfg.idle)
 
@@ -1220,7 +1502,8 @@ def main(argv: list[str] | None = None) -> int:
             backends.close()
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
 
-    out = [table(results, rows), "", "ratio = value / triofwd's value in the same column (p99 and KiB: lower is better)."]
+    columns = [m for m in METRICS if any(m in GROUPS[g] for g in cfg.groups)]
+    out = [table(results, rows, columns), "", "ratio = value / triofwd's value in the same column (p99 and KiB: lower is better)."]
     missing = [f"- {row}: {', '.join(METRICS[m][0] for m in ms)}: {reason}"
                for row in rows for reason in sorted(set(results.errors[row].values()))
                if (ms := [m for m, r in results.errors[row].items() if r == reason and results.median(row, m) is None])]  # fmt: skip
@@ -1233,13 +1516,16 @@ def main(argv: list[str] | None = None) -> int:
         out += ["", "failed runs:", *partial]
     if any(results.per_cpu(r, m) is not None for r in rows for m in PER_CPU):
         out += ["", "per second of the forwarder's own CPU time (median over the runs of rate / CPU share):", "",
-                per_cpu_table(results, rows)]  # fmt: skip
+                per_cpu_table(results, rows, columns)]  # fmt: skip
+    if udp := udp_load_table(results, rows):
+        out += ["", f"UDP: CPU shares of one core during the load (medians; the forwarder on CPU {pin.forwarder or 'any'}, "
+                f"the generator and the echo target on CPU {pin.others or 'any'}), and datagrams lost in all runs:", "", udp]  # fmt: skip
     if contention := results.contention():
         out += ["", "other work on the forwarder's core (its busy time minus the forwarder's share) during the "
                 f"throughput measurements: median {statistics.median(contention):.0%}, max {max(contention):.0%}"]  # fmt: skip
     if cfg.runs > 1:
-        out += ["", "spread over the runs, (max - min) / median:", "", table(results, rows, spread=True)]
-    if checks := verdicts(results):
+        out += ["", "spread over the runs, (max - min) / median:", "", table(results, rows, columns, spread=True)]
+    if checks := verdicts(results, columns):
         out += ["", "goals:", *checks]
     print("\n".join(out), flush=True)
 
