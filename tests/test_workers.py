@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import pathlib
+import select
 import signal
 import socket
 import threading
@@ -23,9 +24,11 @@ import pytest
 import trio
 
 import triofwd
-from tests.conftest import Daemon, roundtrip, run_triofwd, split, threaded_echo
+from tests.conftest import Daemon, echo_process, roundtrip, run_triofwd, split, threaded_echo
+from triofwd import _reuseport as reuseport
+from triofwd._addresses import format_address
 from triofwd._config import worker_count
-from triofwd._reuseport import steering_program
+from triofwd._reuseport import SKF_NET_OFF, Instruction, bind_group, steer, steered_keys, steering_program
 from triofwd._table import compile_table
 from triofwd._worker import ID_SPAN, share
 from triofwd.control.workers import merge_stats, merge_targets
@@ -136,6 +139,121 @@ def held(address: tuple[str, int], count: int) -> Iterator[list[socket.socket]]:
     finally:
         for sock in conns:
             sock.close()
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[str]:
+    """A UDP echo server in a thread on 127.0.0.1: "127.0.0.1:port"."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                data, peer = sock.recvfrom(65536)
+                sock.sendto(data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield format_address(sock.getsockname())
+    finally:
+        stop.set()
+        thread.join(TIMEOUT)
+        sock.close()
+
+
+def udp_client(host: str) -> socket.socket:
+    """A client flow: a UDP socket on `host` with a port of its own."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def udp_exchange(sock: socket.socket, address: tuple[str, int]) -> None:
+    """One datagram through the daemon and its echo back: the flow's own address as the
+    payload, so a reply that reached another client would show."""
+    payload = format_address(sock.getsockname()).encode()
+    sock.sendto(payload, address)
+    assert sock.recv(65536) == payload
+
+
+def udp_replies(socks: list[socket.socket], count: int, quiet: float = 0.5) -> list[socket.socket]:
+    """The sockets that got a reply: wait for `count` of them, then `quiet` seconds for any more."""
+    answered: list[socket.socket] = []
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        waiting = [s for s in socks if s not in answered]
+        if len(answered) >= count:
+            deadline = min(deadline, time.monotonic() + quiet)
+        ready, _, _ = select.select(waiting, [], [], max(0.0, min(0.05, deadline - time.monotonic())))
+        for sock in ready:
+            sock.recv(65536)
+            answered.append(sock)
+    return answered
+
+
+class ConnectionLoop:
+    """`total` short connections (connect, one byte, its echo, close) from `threads` threads,
+    each outcome recorded: "ok" or the error. A connection numbered at or past a gate's index
+    waits for that gate's event: the loop spans what the test does meanwhile, however fast
+    the machine is."""
+
+    def __init__(self, address: tuple[str, int], total: int, threads: int = 16, gates: dict[int, threading.Event] | None = None) -> None:
+        self.address = address
+        self.total = total
+        self.gates = gates or {}
+        self.outcomes: list[str] = []
+        self.started = 0
+        self.stopped = False
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self.stopped or self.started == self.total:
+                    return
+                number, self.started = self.started, self.started + 1
+            for index, gate in self.gates.items():
+                if number >= index:
+                    gate.wait(TIMEOUT * 3)
+            try:
+                with socket.create_connection(self.address, timeout=TIMEOUT) as sock:
+                    sock.sendall(b"x")
+                    outcome = "ok" if sock.recv(1) == b"x" else "eof"
+            except OSError as exc:
+                outcome = type(exc).__name__
+            self.outcomes.append(outcome)
+
+    def join(self, timeout: float) -> None:
+        """Wait for every connection; stop the loop (and fail) when it takes longer."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.stop()
+        assert len(self.outcomes) == self.total, f"{len(self.outcomes)} of {self.total} connections within {timeout}s"
+
+    def stop(self) -> None:
+        self.stopped = True
+        for gate in self.gates.values():
+            gate.set()
+
+
+def processes_of(routefile: pathlib.Path) -> set[int]:
+    """The live processes (zombies left out) started on this route file: supervisors and workers."""
+    found = set()
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(routefile).encode() in (entry / "cmdline").read_bytes().split(b"\0") and not gone(int(entry.name)):
+                    found.add(int(entry.name))
+    return found
 
 
 # -- the real daemon ---------------------------------------------------------------------
@@ -305,51 +423,64 @@ def test_sighup_adds_a_route_every_worker_serves_and_a_bad_file_changes_nothing(
     roundtrip(d.address("echo")).close()
 
 
-def test_sigusr2_upgrades_without_refusing_a_connection(daemon: Callable[..., Daemon], echo_target: str, tmp_path: pathlib.Path) -> None:
+# 50 long connections, each moving LONG_CHUNKS chunks of LONG_CHUNK bytes: one before the
+# upgrade, the others while the old generation drains, then a half-close and the rest.
+LONG_CONNECTIONS = 50
+LONG_CHUNK = 16 * 1024
+LONG_CHUNKS = 4
+SHORT_CONNECTIONS = 5000
+
+
+def test_sigusr2_upgrade_under_5000_short_connections_and_50_long_ones(daemon: Callable[..., Daemon], tmp_path: pathlib.Path) -> None:
+    """A client loop of 5,000 short connections and 50 long ones through an upgrade: none
+    refused or reset, every long one finishes with all its bytes, and then one supervisor
+    is left (with its workers), the old generation gone."""
     control = tmp_path / "control.sock"
-    d = daemon(routes(echo_target).replace('shutdown_grace = "1s"', 'shutdown_grace = "20s"'), "--control", str(control), ready=False)
-    old = supervisor_ready(d)
-    address = d.address("echo")
-    outcomes: list[str] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                roundtrip(address).close()
-                outcomes.append("ok")
-            except (OSError, AssertionError) as exc:
-                outcomes.append(type(exc).__name__)
-
-    new_pid = 0
-    thread = threading.Thread(target=loop, daemon=True)
-    try:
-        with held(address, 10) as long_ones:
-            thread.start()
-            wait_until(lambda: len(outcomes) >= 50)
+    with echo_process() as target:
+        d = daemon(routes(target).replace('shutdown_grace = "1s"', 'shutdown_grace = "20s"'), "--control", str(control), ready=False)
+        old = supervisor_ready(d)
+        address = d.address("echo")
+        long_ones = [roundtrip(address, b"a" * LONG_CHUNK) for _ in range(LONG_CONNECTIONS)]
+        # Connections 2,500 and on wait for the new generation, 4,000 and on for the old one
+        # to be gone: the loop runs before, during and after each step.
+        new_ready, old_gone = threading.Event(), threading.Event()
+        loop = ConnectionLoop(address, SHORT_CONNECTIONS, gates={2500: new_ready, 4000: old_gone})
+        new_pid = 0
+        try:
+            wait_until(lambda: len(loop.outcomes) >= 500)
             d.signal(signal.SIGUSR2)
             new = logged(d, "ready", count=2, worker=None)[-1]
             new_pid = new["pid"]
             assert new_pid != old["pid"] and new["listeners"] == old["listeners"]
-            logged(d, "shutting down", count=2)  # the old generation's two workers
-            for sock in long_ones:  # the old generation drains: its connections go on
-                sock.sendall(b"still")
-                assert sock.recv(5, socket.MSG_WAITALL) == b"still"
-            served = len(outcomes)
-            wait_until(lambda: len(outcomes) >= served + 50)
-        assert d.wait(TIMEOUT) == 0, "the old supervisor exits once its connections are done"
-        wait_until(lambda: all(gone(pid) for pid in old["pids"]))
-        assert not gone(new_pid), "one supervisor left: the new one"
-        assert ask(control, "stats")["workers"]["count"] == 2, "the control socket is the new generation's"
-        served = len(outcomes)
-        wait_until(lambda: len(outcomes) >= served + 50)
-    finally:
-        stop.set()
-        thread.join(TIMEOUT)
-        if new_pid:
-            os.kill(new_pid, signal.SIGTERM)
-            wait_until(lambda: gone(new_pid))
-    assert set(outcomes) == {"ok"}, f"{len(outcomes)} connections: {[o for o in outcomes if o != 'ok'][:5]}"
+            new_ready.set()
+            logged(d, "shutting down", count=2)  # the old generation's two workers drain
+            for sock in long_ones:  # ... and their connections go on
+                for _ in range(LONG_CHUNKS - 2):
+                    sock.sendall(b"b" * LONG_CHUNK)
+                    assert sock.recv(LONG_CHUNK, socket.MSG_WAITALL) == b"b" * LONG_CHUNK
+                sock.sendall(b"c" * LONG_CHUNK)
+                sock.shutdown(socket.SHUT_WR)
+                assert sock.recv(LONG_CHUNK, socket.MSG_WAITALL) == b"c" * LONG_CHUNK
+                assert sock.recv(1) == b"", "closed cleanly once the echo is whole"
+                sock.close()
+            assert d.wait(TIMEOUT) == 0, "the old supervisor exits once its connections are done"
+            wait_until(lambda: all(gone(pid) for pid in old["pids"]))
+            old_gone.set()
+            loop.join(120)
+            assert processes_of(d.routefile) == {new_pid, *new["pids"]}, "one supervisor left, with its workers"
+            assert ask(control, "stats")["workers"]["count"] == 2, "the control socket is the new generation's"
+        finally:
+            loop.stop()
+            for sock in long_ones:
+                sock.close()
+            if new_pid:
+                os.kill(new_pid, signal.SIGTERM)
+                wait_until(lambda: gone(new_pid))
+    failures = [o for o in loop.outcomes if o != "ok"]
+    assert not failures, f"{len(failures)} of {len(loop.outcomes)} connections failed: {failures[:5]}"
+    long_records = [r for r in d.access_records() if r["bytes_in"] == LONG_CHUNK * LONG_CHUNKS]
+    assert len(long_records) == LONG_CONNECTIONS
+    assert all(r["reason"] == "normal" and r["bytes_out"] == LONG_CHUNK * LONG_CHUNKS for r in long_records)
 
 
 def test_a_failed_upgrade_leaves_the_running_generation_serving(daemon: Callable[..., Daemon], echo_target: str, tmp_path: pathlib.Path) -> None:
@@ -390,37 +521,183 @@ def test_sigkill_of_the_supervisor_leaves_no_process_behind(daemon: Callable[...
     assert refused(address)
 
 
-def test_access_log_lines_of_both_workers_are_all_whole(daemon: Callable[..., Daemon], echo_target: str) -> None:
-    d = daemon(routes(echo_target), ready=False)
+def test_udp_flows_stay_in_one_worker_and_each_reply_reaches_its_client(daemon: Callable[..., Daemon], udp_echo: str, tmp_path: pathlib.Path) -> None:
+    control = tmp_path / "control.sock"
+    d = daemon(routes(udp_echo, 'protocol = "udp"'), "--control", str(control), ready=False)
+    pids = supervisor_ready(d)["pids"]
+    address = d.address("echo")
+    clients = [udp_client(f"127.0.0.{last}") for last in range(2, 21) for _ in range(2)]  # 19 addresses, two flows each
+    try:
+        for sock in clients:
+            udp_exchange(sock, address)
+        for sock in clients:  # a flow's later datagrams meet its session: no new one
+            udp_exchange(sock, address)
+        rows = ask(control, "connections")
+        assert len(rows) == len(clients) and {row["protocol"] for row in rows} == {"udp"}
+        worker_of = {row["client"]: row["worker"] for row in rows}
+        assert len(worker_of) == len(clients), "one session per flow"
+        assert set(worker_of.values()) == {1, 2}, "both workers serve"
+        # kill reaches the worker that holds the session
+        row = next(r for r in rows if r["worker"] == 2)
+        assert ask(control, "kill", id=row["id"])["id"] == row["id"]
+        wait_until(lambda: any(r["id"] == row["id"] and r["reason"] == "killed" for r in d.access_records()))
+        assert row["id"] not in {r["id"] for r in ask(control, "connections")}
+        # A worker killed: its replacement reads the same sockets. A datagram sent while no
+        # worker reads waits in the socket's buffer and is answered by the replacement.
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: gone(pids[0]))
+        orphans = [s for s in clients if worker_of[format_address(s.getsockname())] == 1]
+        for sock in orphans:
+            sock.sendto(format_address(sock.getsockname()).encode(), address)
+        for sock in orphans:
+            assert sock.recv(65536) == format_address(sock.getsockname()).encode()
+        logged(d, "ready", count=2, worker=1)
+        for sock in clients:
+            udp_exchange(sock, address)
+        assert {r["worker"] for r in ask(control, "connections")} == {1, 2}
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def test_a_udp_per_ip_limit_is_exact_across_workers(daemon: Callable[..., Daemon], udp_echo: str, tmp_path: pathlib.Path) -> None:
+    """10 flows from one address, max_connections_per_ip = 3: exactly 3 sessions, all in one
+    worker (the kernel's own hash would spread the flows, and each worker allow 3)."""
+    control = tmp_path / "control.sock"
+    d = daemon(routes(udp_echo, 'protocol = "udp"', "max_connections_per_ip = 3"), "--control", str(control), ready=False)
     supervisor_ready(d)
-    host, port = d.address("echo")
-    total = 3000
+    address = d.address("echo")
 
-    async def clients() -> None:
-        async def one() -> None:
-            stream = await trio.open_tcp_stream(host, port)
-            async with stream:
-                await stream.send_all(b"x")
-                assert await stream.receive_some(1) == b"x"
+    def ten_flows_from(host: str) -> None:
+        flows = [udp_client(host) for _ in range(10)]
+        try:
+            for sock in flows:
+                sock.sendto(b"x", address)
+            assert len(udp_replies(flows, 3)) == 3
+            rows = [r for r in ask(control, "connections") if r["client"].startswith(host + ":")]
+            assert len(rows) == 3 and len({r["worker"] for r in rows}) == 1, rows
+            wait_until(lambda: len([r for r in d.access_records() if r["client"].startswith(host + ":") and r["reason"] == "ip_limit"]) == 7)
+        finally:
+            for sock in flows:
+                sock.close()
 
-        limiter = trio.CapacityLimiter(32)
+    ten_flows_from("127.0.0.2")
+    ten_flows_from("127.0.0.3")
 
-        async def limited() -> None:
-            async with limiter:
-                await one()
 
-        with trio.fail_after(120):
-            async with trio.open_nursery() as nursery:
-                for _ in range(total):
-                    nursery.start_soon(limited)
+def test_a_reload_listening_again_on_a_dropped_udp_port_takes_the_same_sockets(daemon: Callable[..., Daemon], udp_echo: str, tmp_path: pathlib.Path) -> None:
+    """A UDP route dropped and added back while its sessions live: the workers still hold the
+    port's sockets, and the supervisor hands the same ones out again. A group bound anew
+    would join theirs in the kernel, and the program would steer flows to sockets no worker
+    reads."""
+    control = tmp_path / "control.sock"
+    other = ("[[routes]]", 'name = "other"', "ports = [0]", 'bind = "127.0.0.1"', 'targets = ["127.0.0.1:1"]')
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a port of its own, not 0: the route's key stays one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # A per-IP limit: the group is steered by client address, so the test knows each client's worker.
+    steered = routes(udp_echo, 'protocol = "udp"', "max_connections_per_ip = 100")
+    with_udp = "\n".join([steered.replace("ports = [0]", f"ports = [{port}]"), *other])
+    d = daemon(with_udp, "--control", str(control), ready=False)
+    supervisor_ready(d)
+    address = d.address("echo")
+    # A session in worker 1 only: it keeps worker 1's socket open, the first of its group.
+    first = next(host for host in (f"127.0.0.{last}" for last in range(2, 30)) if steered_to(host) == 0)
+    clients = [udp_client(first)]
+    try:
+        udp_exchange(clients[0], address)
+        assert [r["worker"] for r in ask(control, "connections")] == [1]
+        without_udp = with_udp.split("[[routes]]")[0] + "\n".join(other)
+        d.routefile.write_text(without_udp)
+        d.signal(signal.SIGHUP)
+        logged(d, "reloaded", count=3)
+        d.routefile.write_text(with_udp)
+        d.signal(signal.SIGHUP)
+        logged(d, "reloaded", count=6)
+        fresh = [udp_client(f"127.0.0.{last}") for last in range(2, 21)]
+        clients += fresh
+        for sock in fresh:
+            udp_exchange(sock, address)
+        assert {r["worker"] for r in ask(control, "connections")} == {1, 2}
+        # Dropped again: once its last session has ended in every worker, the port is free.
+        d.routefile.write_text(without_udp)
+        d.signal(signal.SIGHUP)
+        logged(d, "reloaded", count=9)
+        assert not bindable(port)
+        for row in ask(control, "connections"):
+            ask(control, "kill", id=row["id"])
+        wait_until(lambda: bindable(port))
+    finally:
+        for sock in clients:
+            sock.close()
 
-    trio.run(clients)
-    wait_until(lambda: len(d.access_records()) >= total, timeout=60)
+
+def bindable(port: int) -> bool:
+    """A UDP socket of this process (no SO_REUSEPORT) can bind 127.0.0.1:port: no one holds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_sigusr2_hands_the_udp_sockets_over(daemon: Callable[..., Daemon], udp_echo: str, tmp_path: pathlib.Path) -> None:
+    """After an upgrade every datagram reaches the new generation: the old one's workers, still
+    draining their sessions, no longer read the sockets they share with it (or they would take,
+    and drop, datagrams of new flows)."""
+    control = tmp_path / "control.sock"
+    text = routes(udp_echo, 'protocol = "udp"')
+    d = daemon(text.replace('shutdown_grace = "1s"', 'shutdown_grace = "20s"'), "--control", str(control), ready=False)
+    old = supervisor_ready(d)
+    address = d.address("echo")
+    clients = [udp_client(f"127.0.0.{last}") for last in range(2, 12)]
+    new_pid = 0
+    try:
+        for sock in clients:  # sessions in the old generation: they keep it draining
+            udp_exchange(sock, address)
+        d.routefile.write_text(text)  # the new generation's grace: 1s
+        d.signal(signal.SIGUSR2)
+        new = logged(d, "ready", count=2, worker=None)[-1]
+        new_pid = new["pid"]
+        logged(d, "shutting down", count=2)
+        fresh = [udp_client(f"127.0.0.{last}") for last in range(2, 12) for _ in range(4)]
+        clients += fresh
+        for sock in fresh:
+            udp_exchange(sock, address)
+        rows = ask(control, "connections")  # the new generation's
+        assert {r["client"] for r in rows} >= {format_address(s.getsockname()) for s in fresh}
+        assert not gone(old["pids"][0]) and not gone(old["pids"][1]), "the old workers are still draining"
+        d.signal(signal.SIGTERM)  # the second stop: the old generation's sessions end at once
+        assert d.wait(TIMEOUT) == 0
+        wait_until(lambda: all(gone(pid) for pid in old["pids"]))
+        for sock in clients:  # the old sessions' clients too: the new generation answers
+            udp_exchange(sock, address)
+    finally:
+        for sock in clients:
+            sock.close()
+        if new_pid:
+            os.kill(new_pid, signal.SIGTERM)
+            wait_until(lambda: gone(new_pid))
+
+
+def test_access_log_lines_all_parse_after_10000_connections(daemon: Callable[..., Daemon]) -> None:
+    """Both workers append to one file: after 10,000 connections it has 10,000 lines, each
+    whole (a line per write(), O_APPEND), none lost, none interleaved with another."""
+    total = 10_000
+    with echo_process() as target:
+        d = daemon(routes(target), ready=False)
+        supervisor_ready(d)
+        loop = ConnectionLoop(d.address("echo"), total)
+        loop.join(120)
+        assert set(loop.outcomes) == {"ok"}
+        wait_until(lambda: len(d.access_records()) >= total, timeout=60)
     lines = d.access_log.read_text().splitlines()
     assert len(lines) == total
     records = [json.loads(line) for line in lines]  # every line parses: none interleaved
     assert {r["id"] // ID_SPAN for r in records} == {1, 2}
     assert len({r["id"] for r in records}) == total
+    assert {r["reason"] for r in records} == {"normal"}
 
 
 # -- the parts, without processes ------------------------------------------------------------
@@ -460,6 +737,77 @@ def test_the_steering_program_reads_the_source_address_and_picks_a_socket() -> N
     assert v4[-1] == (0x16, 0, 0, 0)  # returned as the index
     v6 = steering_program(socket.AF_INET6, 4)
     assert [i[3] for i in v6 if i[0] == 0x20] == [-0x100000 + 8, -0x100000 + 12, -0x100000 + 16, -0x100000 + 20]
+
+
+def run_program(program: list[Instruction], network_header: bytes) -> int:
+    """What a steering program returns for a packet with this network header (the
+    instructions steering_program uses, as the kernel runs them)."""
+    a = x = 0
+    for code, _, _, k in program:
+        if code == reuseport.LD_W_ABS:
+            a = int.from_bytes(network_header[k - SKF_NET_OFF : k - SKF_NET_OFF + 4], "big")
+        elif code == reuseport.MISC_TAX:
+            x = a
+        elif code == reuseport.ALU_RSH_K:
+            a >>= k
+        elif code == reuseport.ALU_XOR_X:
+            a ^= x
+        elif code == reuseport.ALU_MOD_K:
+            a %= k
+        elif code == reuseport.RET_A:
+            return a
+    raise AssertionError("the program does not return")
+
+
+def steered_to(host: str, count: int = 2) -> int:
+    """The socket (worker - 1) the program picks for a client at this IPv4 address."""
+    return run_program(steering_program(socket.AF_INET, count), bytes(12) + socket.inet_aton(host) + socket.inet_aton("127.0.0.1"))
+
+
+@pytest.mark.parametrize("udp", [True, False], ids=["udp", "tcp"])
+def test_the_kernel_steers_each_client_address_to_the_socket_the_program_names(udp: bool) -> None:
+    """The program runs with the packet's data past the transport header, the TCP header or
+    UDP's 8 bytes: its loads relative to the network header read the source address for
+    both. Each datagram or connection, two from each of 19 addresses, reaches the socket
+    the program (run here) names for its source address; both sockets get some."""
+    group = bind_group(("127.0.0.1", 0, "/udp" if udp else ""), 2)
+    picked = set()
+    try:
+        steer(group, True)
+        for last in range(2, 21):
+            host = f"127.0.0.{last}"
+            expected = steered_to(host)
+            picked.add(expected)
+            for _ in range(2):
+                if udp:
+                    with udp_client(host) as client:
+                        client.sendto(b"x", ("127.0.0.1", group.port))
+                else:
+                    client = socket.create_connection(("127.0.0.1", group.port), timeout=TIMEOUT, source_address=(host, 0))
+                ready, _, _ = select.select(group.sockets, [], [], TIMEOUT)
+                assert [group.sockets.index(s) for s in ready] == [expected], host
+                if udp:
+                    ready[0].recv(1)
+                else:
+                    ready[0].accept()[0].close()
+                    client.close()
+    finally:
+        group.close()
+    assert picked == {0, 1}
+
+
+def test_udp_routes_run_with_workers_and_are_steered_by_client_address_only_with_a_per_ip_limit() -> None:
+    table = compile_table(
+        triofwd.Config(
+            settings=triofwd.Settings(workers=2),
+            routes=[
+                triofwd.Route(name="dns", protocol="udp", ports=[5353], targets=["127.0.0.1:53"]),
+                triofwd.Route(name="ntp", protocol="udp", ports=[5123], targets=["127.0.0.1:123"], max_connections_per_ip=3),
+                triofwd.Route(name="web", ports=[8080], targets=["127.0.0.1:80"]),
+            ],
+        )
+    )
+    assert steered_keys(table) == {("0.0.0.0", 5123, "/udp")}, "the kernel's flow hash elsewhere, UDP as TCP"
 
 
 def test_stats_of_workers_add_up() -> None:

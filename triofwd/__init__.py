@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ._actions import HandlerInfo
 from ._config import TLS, CircuitBreaker, Config, HealthCheck, Route, Settings, User, parse_config
+from ._datagrams import DatagramSession
 from ._errors import ConfigError, ConnectionEnded, ControlConnectionError, ControlError, ListenError, OffloadError
 from ._metrics_http import serve_metrics, status_json
 from ._reasons import Reason
@@ -31,6 +32,7 @@ __all__ = [
     "ControlClient",
     "ControlConnectionError",
     "ControlError",
+    "DatagramSession",
     "Forwarder",
     "HandlerInfo",
     "HealthCheck",

@@ -45,7 +45,7 @@ CLOSE_NOTIFY_TIMEOUT = 1.0
 
 
 class HandlerInfo:
-    """What a handler route's callable learns about its connection."""
+    """What a handler route's callable learns about its connection (or UDP session)."""
 
     __slots__ = ("client", "id", "local", "route")
 
@@ -53,7 +53,7 @@ class HandlerInfo:
         self.id = id
         self.route = route
         self.client = client  # the real client (from a PROXY header where one was accepted)
-        self.local = local  # the address it connected to
+        self.local = local  # the address it connected (UDP: sent) to
 
     def __repr__(self) -> str:
         return f"HandlerInfo(id={self.id}, route={self.route!r}, client={self.client}, local={self.local})"
@@ -266,6 +266,30 @@ async def forward_datagrams(ctx: ConnectionContext, conn: Session, flow: Flow, r
         raise ConnectionEnded(quiet)
 
 
+async def handle_datagrams(ctx: ConnectionContext, conn: Session, flow: Flow, route: CompiledRoute) -> None:
+    """A handler callable owns the session, as a TCP handler owns its connection: it gets
+    the flow's datagrams and answers them through a DatagramSession, inside the session's
+    scopes (lifetime, kill, shutdown) and quiet limits. Its return ends the session
+    normally, and so does its `responses`-th reply."""
+    assert route.handler is not None  # compile_table: a handler route has its callable
+    handler = route.handler
+    datagrams = ctx.engine.datagrams
+    session = datagrams.open_session(flow, route.responses)  # from here the flow's datagrams queue for it
+    info = HandlerInfo(conn.id, route.name, (conn.client_ip, conn.client_port), flow.local)
+    conn.state = "handler"
+
+    async def run() -> None:
+        await handler(session, info)
+        datagrams.end(flow)  # the handler is done, and so is the session
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        quiet = await IdleWatch(conn, route.policy).wait(flow.wait)
+        nursery.cancel_scope.cancel()  # over (responses), or quiet too long: the handler stops
+    if quiet is not None:
+        raise ConnectionEnded(quiet)
+
+
 async def reject_datagrams(ctx: ConnectionContext, conn: Session, flow: Flow, route: CompiledRoute) -> None:
     raise ConnectionEnded(Reason.REJECTED)
 
@@ -280,4 +304,5 @@ UDP_ACTIONS: dict[str, SessionAction] = {
     "forward": forward_datagrams,
     "reject": reject_datagrams,
     "offload": offloaded_datagrams,
+    "handler": handle_datagrams,
 }

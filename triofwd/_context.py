@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import trio
@@ -40,11 +40,13 @@ log = logging.getLogger("triofwd")
 class ConnectionContext:
     """The table, limits and targets a connection is served with, and the record of its end."""
 
-    def __init__(self, table: RouteTable, access_log: AccessLog | None, engine: Engine, first_id: int = 1) -> None:
+    def __init__(
+        self, table: RouteTable, access_log: AccessLog | None, engine: Engine, first_id: int = 1, verdicts: Mapping[str, Iterable[str]] | None = None
+    ) -> None:
         self.table = table
         self.engine = engine
         self.gate = Gate(table.limits)
-        self.targets = TargetRegistry()
+        self.targets = TargetRegistry(verdicts=verdicts)
         self.live: dict[int, Connection] = {}
         self.stats = Stats()
         self.watchers: set[trio.MemorySendChannel[dict[str, Any]]] = set()

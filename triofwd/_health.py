@@ -38,6 +38,7 @@ class CheckPolicy:
     fall: int
     send: bytes = b""
     expect: bytes = b""
+    udp: bool = False  # a datagram with `send`, and a reply, instead of a connect
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,6 +170,13 @@ class TargetHealth:
         self.checks_failed += 1
         self.last_check = why
         return self._in_a_row(up=False, needed=policy.fall)
+
+    def follow(self, up: bool) -> bool:
+        """The verdict of checks run elsewhere (a worker's supervisor checks for all its
+        workers); True when it turned the target."""
+        turned = self.up != up
+        self.up, self.passes, self.fails = up, 0, 0
+        return turned
 
     def _in_a_row(self, *, up: bool, needed: int) -> bool:
         """A check that says `up` (or down): it breaks the other run, and `needed` of them

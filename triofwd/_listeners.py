@@ -13,6 +13,8 @@ listener stops (systemd still listens on it).
 A UDP listener (a `protocol = "udp"` route's) has no accept loop: its bound socket goes to
 the engine's datagram mover (`_datagrams`), and a task here only holds it while it listens;
 when that task ends the listener takes no new flow (its socket closes with its last session).
+A reload that listens on the address again while those sessions live takes the open socket
+back (`adopting`) rather than binding a second one.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import errno
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import trio
 
 from . import _rawsock as rawsock
-from ._addresses import UDP_OWNER, ListenKey, format_address, is_udp
+from ._addresses import ListenKey, format_address, is_udp
 from ._datagrams import Datagrams, UdpListener, bind_datagrams
 from ._errors import listen_error
 from ._rawsock import raw_socket
@@ -83,6 +85,7 @@ class Listener:
     address: str
     scope: trio.CancelScope
     raw: socket.socket
+    udp: UdpListener | None = None  # a UDP listener's, in the datagram mover, while this entry listens on it
 
 
 class Listeners:
@@ -102,9 +105,9 @@ class Listeners:
             for sock in sockets:
                 if isinstance(sock, BoundDatagrams):
                     assert self.datagrams is not None, "UDP listeners need the datagram mover"
-                    entry = Listener(key, format_address(sock.socket.getsockname()), trio.CancelScope(), sock.socket)
+                    entry = Listener(key, format_address(sock.socket.getsockname()), trio.CancelScope(), sock.socket, self.datagrams.add(key, sock.socket))
                     self.by_key.setdefault(key, []).append(entry)
-                    self._nursery.start_soon(self._receive, entry, self.datagrams.add(key, sock.socket))
+                    self._nursery.start_soon(self._receive, entry)
                     continue
                 entry = Listener(key, format_address(sock.socket.getsockname()), trio.CancelScope(), raw_socket(sock.socket))
                 self.by_key.setdefault(key, []).append(entry)
@@ -135,6 +138,17 @@ class Listeners:
         for key in list(self.by_key if keys is None else keys):
             for entry in self.by_key.pop(key, ()):
                 entry.scope.cancel()
+                self._stop_receiving(entry)  # now, not when its task next runs: a reload may adopt it at once
+
+    @contextlib.contextmanager
+    def adopting(self, keys: Iterable[ListenKey]) -> Iterator[Opened]:
+        """The UDP listeners of `keys` that stopped while sessions still reply through them:
+        their open sockets, held open while the block runs, for `listen` to take back (the
+        new table's routes get new flows; the sessions stay on theirs). Binding the address
+        again instead would fail while the first socket is open."""
+        assert self.datagrams is not None, "UDP listeners need the datagram mover"
+        with self.datagrams.held({key for key in keys if is_udp(key)}) as held:
+            yield {key: [BoundDatagrams(sock)] for key, sock in held.items()}
 
     async def _accept_loop(self, entry: Listener, listener: trio.SocketListener) -> None:
         failures = 0  # in the current burst
@@ -182,16 +196,23 @@ class Listeners:
         finally:
             self._forget(entry)
 
-    async def _receive(self, entry: Listener, listener: UdpListener) -> None:
+    async def _receive(self, entry: Listener) -> None:
         """A UDP listener: its socket is the datagram mover's; this task holds it as listening
         until its scope is cancelled (reload, drain, shutdown), then it takes no new flow."""
-        assert self.datagrams is not None
         try:
             with entry.scope:
                 await trio.sleep_forever()
         finally:
-            self.datagrams.stop(listener)
+            self._stop_receiving(entry)
             self._forget(entry)
+
+    def _stop_receiving(self, entry: Listener) -> None:
+        """The entry no longer listens: its UDP listener takes no new flow. Taken from the
+        entry, so that the entry's task, ending later, cannot stop the listener a reload has
+        adopted meanwhile under a new entry."""
+        udp, entry.udp = entry.udp, None
+        if udp is not None and self.datagrams is not None:
+            self.datagrams.stop(udp)
 
     def _forget(self, entry: Listener) -> None:
         entries = self.by_key.get(entry.key, [])
@@ -244,15 +265,18 @@ async def bind_all(keys: Iterable[ListenKey], optional: set[ListenKey] | None = 
     """
     keys = list(keys)
     # Claimed all at once: a dual-stack [::] socket goes to a "::" key before a "0.0.0.0" one.
-    found = passed.claim((bind, port, "tcp") for bind, port, owner in keys if not owner.endswith(UDP_OWNER)) if passed is not None else {}
+    wants = {key: (key[0], key[1], "udp" if is_udp(key) else "tcp") for key in keys}
+    if passed is not None and not passed.claims_udp:
+        wants = {key: want for key, want in wants.items() if want[2] == "tcp"}
+    found = passed.claim(wants.values()) if passed is not None else {}
     opened: Opened = {}
     try:
         for key in keys:
             bind, port, _ = key
             udp = is_udp(key)
-            sock = None if udp else found.get((bind, port, "tcp"))
+            sock = found.get(wants[key]) if key in wants else None
             if sock is not None:
-                opened[key] = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+                opened[key] = [BoundDatagrams(sock) if udp else trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
                 continue
             try:
                 if udp:

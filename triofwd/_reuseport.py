@@ -8,8 +8,13 @@ program attached to the group (SO_ATTACH_REUSEPORT_CBPF, Linux 4.5) picks the so
 client address alone, the same worker on every such port, so each client's connections all
 reach one worker and its per-IP counts and rates are exact.
 
+A UDP listener's group is always steered by that program: the kernel picks a socket for every
+datagram, and all of a flow's must reach the one worker that holds its session (and all of a
+client's flows the one that counts them), whatever the group's size or the kernel's hash.
+
 A socket stays in its group while any process holds it: the supervisor's copy keeps a
-worker's queue alive while that worker is replaced (a connection waits, it is not refused).
+worker's queue alive while that worker is replaced (a connection waits, it is not refused;
+a datagram waits in the socket's receive buffer).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import dataclasses
 import socket
 from collections.abc import Iterable
 
-from ._addresses import ListenKey, format_address
+from ._addresses import ListenKey, format_address, is_udp
+from ._datagrams import bind_datagrams
 from ._errors import listen_error
 from ._table import RouteTable
 
@@ -31,6 +37,10 @@ BACKLOG = 0xFFFF
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_DETACH_REUSEPORT_BPF = 68
 # linux/filter.h: a load at this offset and beyond reads the packet from its network header.
+# The program runs with the packet's data pointer past the transport header (the TCP header,
+# or the 8 bytes of UDP: net/core/sock_reuseport.c, reuseport_select_sock's hdr_len), so an
+# absolute load would read the payload; one relative to the network header reads the source
+# address for TCP and UDP alike.
 SKF_NET_OFF = -0x100000
 # Classic BPF instructions used here (linux/bpf_common.h: class | size/op | source).
 LD_W_ABS = 0x00 | 0x00 | 0x20  # A = 32 bits at k
@@ -67,14 +77,23 @@ def bind_group(key: ListenKey, count: int) -> Group:
     """`count` listening sockets for `key`, all in one SO_REUSEPORT group; ListenError (one
     line) when the address cannot be bound, with nothing left open.
 
-    They join the group in the order they listen, which is the index a BPF program returns.
-    Port 0: the first socket asks the kernel for a port, the others take the same one.
+    They join the group in the order they listen (TCP) or bind (UDP), which is the index a
+    BPF program returns. Port 0: the first socket asks the kernel for a port, the others
+    take the same one. A UDP key's sockets are bound as a single process binds its own
+    (bind_datagrams: the same receive buffer, IPv6-only "::"), and the worker that gets one
+    sets IP_PKTINFO on it as on any UDP listener.
     """
     bind, port, _ = key
+    udp = is_udp(key)
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
+            if udp:
+                sock = bind_datagrams(bind, port, reuse_port=True)
+                sockets.append(sock)
+                port = sock.getsockname()[1]
+                continue
             sock = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -87,13 +106,16 @@ def bind_group(key: ListenKey, count: int) -> Group:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise listen_error(exc, f"listen on {format_address((bind, port))}") from None
+        raise listen_error(exc, f"listen on {format_address((bind, port))}{' (udp)' if udp else ''}") from None
     return Group(key, format_address(sockets[0].getsockname()), sockets)
 
 
 def steered_keys(table: RouteTable) -> set[ListenKey]:
     """The listeners whose connections go to a worker by client address: those where a
-    per-IP limit applies (every one when [settings] sets one, which counts across ports)."""
+    per-IP limit applies (every one when [settings] sets one, which counts across ports).
+    Elsewhere the kernel's own hash of the addresses and ports picks the socket, which for
+    UDP keeps every datagram of one flow on one socket, so it meets its session, while a
+    crowd of flows from one address (a NAT) still spreads over the workers."""
     if table.limits.max_connections_per_ip or table.limits.connection_rate_per_ip:
         return set(table.by_listener)
     return {key for key, routes in table.by_listener.items() if any(r.limits.max_connections_per_ip or r.limits.connection_rate_per_ip for r in routes)}

@@ -59,7 +59,8 @@ KEYS: dict[type[msgspec.Struct], dict[str, Key]] = {
         "shutdown_grace": Key('On SIGTERM, how long open connections may finish before the rest are closed with `shutdown` ("0": at once).', '"10s"'),
         "trusted_proxies": Key("Addresses or CIDRs allowed to send a PROXY protocol header (to routes with `accept_proxy_protocol`).", '["10.0.0.0/8", "fd00::/8"]'),
         "workers": Key('Worker processes of `triofwd serve`: 1 (one process), a number, or "auto" (one per CPU it may run on). With more than one, a supervisor binds '
-                       "the ports once and hands them to every worker; `max_connections` is shared out among them. Read at start; a reload does not change it.",
+                       "the ports once and hands them to every worker; `max_connections` is shared out among them. The datagrams of a UDP route go to a "
+                       "worker by a hash of the flow's addresses and ports (by client address where a per-IP limit applies), so each flow stays in one worker. Read at start; a reload does not change it.",
                        '"auto"', type='integer ≥ 1 or `"auto"`'),
     },
     Route: {
@@ -80,7 +81,9 @@ KEYS: dict[type[msgspec.Struct], dict[str, Key]] = {
         "proxy_protocol": Key('Send a PROXY protocol header to the target: "v1", "v2", or "" for none.', '"v2"'),
         "accept_proxy_protocol": Key("The route's port expects a PROXY header (v1 or v2) from `[settings] trusted_proxies` addresses, and refuses one from anyone else.", "true"),
         "bridge_to": Key('`action = "bridge"`: "internal" (the built-in TLS terminator, see `tls`) or the "host:port" of another terminator.', '"127.0.0.1:8443"'),
-        "handler": Key('`action = "handler"`: the async callable `(stream, info)` that owns the connection, as "package.module:function".', '"mypackage.handlers:hello"',
+        "handler": Key('`action = "handler"`: the async callable `(stream, info)` that owns the connection, as "package.module:function". On a `protocol = "udp"` '
+                       "route it is `(session, info)` and owns one client flow: `await session.receive()` is the client's next datagram, `await session.send(data)` "
+                       "answers it (64 datagrams, 256 KiB, wait for the handler; more are dropped).", '"mypackage.handlers:hello"',
                        type="string", schema={"type": "string"}),
         "offload_fallback": Key('`action = "offload"`: "forward" forwards in user space where nftables is missing or not permitted; "" refuses to start then.', '"forward"'),
         "preserve_source_ip": Key('`action = "offload"`: no masquerade, so the target sees the client\'s address.', "true"),
@@ -92,10 +95,11 @@ KEYS: dict[type[msgspec.Struct], dict[str, Key]] = {
                             "addresses are denied unless listed.", '["10.1.0.0/16:443", "*.example.com:443"]'),
         "users": Key("`socks5` / `http_connect`: who may connect (empty: no authentication). See `routes.users`.", '[{ name = "alice", password = "env:ALICE_PASSWORD" }]'),
         "protocol": Key('`"tcp"`: connections; `"udp"`: datagrams, one session per client address and port, with its own connected socket to a target (replies from '
-                        "anyone else are dropped by the kernel). A UDP route may `forward`, `reject` or `offload`; its `inactivity_timeout` is \"60s\" unless it sets one "
+                        "anyone else are dropped by the kernel). A UDP route may `forward`, `reject`, `offload` or run a `handler`; its `inactivity_timeout` is \"60s\" unless it sets one "
                         "(any datagram either way is activity); `max_connections` and the per-IP limits count sessions. `domains`, `tls`, the PROXY protocol keys, "
-                        "`half_close_timeout`, `initial_data_timeout`, `tcp_keepalive`, `warm`, `health_check` and `circuit_breaker` are refused on it.", '"udp"'),
-        "responses": Key('`protocol = "udp"`: a session ends (`normal`) after this many replies from its target: 1 for DNS, so it ends as soon as the answer is back. '
+                        "`half_close_timeout`, `initial_data_timeout`, `tcp_keepalive`, `warm` and `circuit_breaker` are refused on it; its `health_check` sends a datagram "
+                        "(`send`, required) and waits for the reply.", '"udp"'),
+        "responses": Key('`protocol = "udp"`: a session ends (`normal`) after this many replies from its target (or its handler): 1 for DNS, so it ends as soon as the answer is back. '
                          "0: its `inactivity_timeout` governs.", "1"),
     },
     TLS: {
@@ -109,11 +113,12 @@ KEYS: dict[type[msgspec.Struct], dict[str, Key]] = {
     },
     HealthCheck: {
         "interval": Key("How often each target is checked.", '"10s"'),
-        "timeout": Key("How long one check may take: the connect, and the reply when `expect` is set.", '"2s"'),
+        "timeout": Key("How long one check may take: the connect, and the reply when `expect` is set (UDP: the reply).", '"2s"'),
         "rise": Key("Passes in a row that bring a target that is down back.", "3"),
         "fall": Key("Failures in a row that take a target out of balancing.", "2"),
-        "send": Key("Bytes sent once connected (UTF-8; TOML escapes such as `\\r\\n` work). Empty: a connect is the check.", '"PING\\r\\n"'),
-        "expect": Key("Bytes the reply must contain within `timeout`. Empty: nothing is read.", '"+PONG"'),
+        "send": Key("Bytes sent once connected (UTF-8; TOML escapes such as `\\r\\n` work). Empty: a connect is the check. "
+                    'Required with `protocol = "udp"`: the one datagram each check sends.', '"PING\\r\\n"'),
+        "expect": Key("Bytes the reply must contain within `timeout`. Empty: nothing is read (UDP: any reply passes).", '"+PONG"'),
     },
     CircuitBreaker: {
         "failures": Key("Connect failures and target resets in a row that open the target's circuit.", "3"),
@@ -325,7 +330,9 @@ _SECTION_TEXT: dict[type[msgspec.Struct], str] = {
     TLS: '`[routes.tls]`: for routes with `domains` and for `action = "bridge"` with the built-in terminator. Paths are relative to the route file\'s folder.',
     HealthCheck: "`health_check = { ... }`: every `interval` each target is connected to within `timeout`; with `send`, those bytes are sent; "
     "with `expect`, the reply must contain them. `fall` failures in a row take a target out, `rise` passes bring it back. "
-    'For `action = "forward"` and `"bridge"`.',
+    'For `action = "forward"` and `"bridge"`. With `protocol = "udp"` a check is the `send` datagram on a connected socket and a reply '
+    "(containing `expect`, if given) within `timeout`; an ICMP port unreachable fails it at once. "
+    "With `[settings] workers` > 1 the supervisor runs the checks, once per target, and every worker follows its verdicts.",
     CircuitBreaker: "`circuit_breaker = { ... }`: passive health. After `failures` in a row no connection is sent to the target for `backoff`; "
     "then one connection probes it. Off unless the key is given.",
     User: "`users = [{ name = ..., password = ... }]`: the users of a `socks5` or `http_connect` route.",

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import socket
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import trio
@@ -61,8 +61,9 @@ class Forwarder:
         engine: Engine,
         passed: PassedSockets | None = None,
         first_id: int = 1,
+        verdicts: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
-        self._context = ConnectionContext(table, access_log, engine, first_id)
+        self._context = ConnectionContext(table, access_log, engine, first_id, verdicts)
         self._listeners = Listeners(listening, self._accept, self._accept_failed, passed)
         self._listeners.datagrams = engine.datagrams  # UDP listeners: the engine's datagram mover
         engine.datagrams.on_flow = self._session
@@ -149,6 +150,18 @@ class Forwarder:
         self.draining = True
         self._listeners.close()
 
+    def release_datagrams(self) -> None:
+        """Another process reads the UDP listening sockets now (an upgrade's new generation):
+        stop reading them at once, before any drain. Two readers of one socket would split a
+        flow's datagrams between them; TCP listeners need nothing, an accepted connection is
+        whole in whichever process accepted it."""
+        self._context.engine.datagrams.release()
+
+    def follow_verdicts(self, down: Mapping[str, Iterable[str]]) -> None:
+        """Health checks run elsewhere (serve's `verdicts`) say these targets are down now,
+        route name -> "ip:port"s; every other checked target is up."""
+        self._context.targets.follow(down)
+
     async def reload(self, config: Config | RouteTable) -> dict[str, list[str]]:
         """Swap in a new route table; open connections keep the route they started on.
 
@@ -161,15 +174,18 @@ class Forwarder:
         table = as_table(config)
         old = self._context.table
         new_keys = [] if self.draining else [k for k in table.by_listener if k not in self._listeners.by_key]
-        opened = await bind_all(new_keys, optional=offload_only(table), passed=self._passed)  # raises before anything has changed
-        try:
-            table = await self._kernel.prepare(table)  # the new rules in one nft transaction
-        except BaseException:
-            close_all(opened)
-            raise
-        self._context.update(table)
-        self._context.targets.update(table.routes, self._listening.start_soon)
-        self._listeners.listen(opened)
+        # A UDP port a reload dropped is still open while its sessions live: taken back, not bound again.
+        with self._listeners.adopting(new_keys) as adopted:
+            to_bind = [k for k in new_keys if k not in adopted]
+            opened = await bind_all(to_bind, optional=offload_only(table), passed=self._passed)  # raises before anything has changed
+            try:
+                table = await self._kernel.prepare(table)  # the new rules in one nft transaction
+            except BaseException:
+                close_all(opened)
+                raise
+            self._context.update(table)
+            self._context.targets.update(table.routes, self._listening.start_soon)
+            self._listeners.listen({**opened, **adopted})
         self._listeners.close(k for k in self._listeners.by_key if k not in table.by_listener)
         self._listeners.configure(table)
         change = route_changes(old, table)
@@ -210,6 +226,7 @@ async def serve(
     passed: PassedSockets | None = None,
     kernel: KernelRules | None = None,
     first_id: int = 1,
+    verdicts: Mapping[str, Iterable[str]] | None = None,
     task_status: trio.TaskStatus[Forwarder] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the forwarder for `config` (compiled here, once; or a RouteTable already compiled)
@@ -221,6 +238,9 @@ async def serve(
     `kernel`: who owns the offload routes' nftables rules (default: this forwarder; a
     worker process of `triofwd serve` leaves them to its supervisor, `ForeignRules`).
     `first_id`: the first connection's id (workers number theirs apart).
+    `verdicts`: the routes' health checks run elsewhere (a worker's supervisor runs them
+    once for all its workers), none here; these targets, route name -> "ip:port"s, are
+    down from the start, and `Forwarder.follow_verdicts` brings the later verdicts.
 
     Use with `nursery.start(serve, config)`: it returns the Forwarder once every port is
     bound; a bad config (ConfigError) or an unbindable port (ListenError) is raised to
@@ -238,7 +258,9 @@ async def serve(
                     moving.start_soon(engine.run, name="triofwd engine")
                     async with trio.open_nursery() as connections:
                         async with trio.open_nursery() as listening:
-                            fwd = Forwarder(table, connections, listening, AccessLog(access_log) if access_log else None, kernel, engine, passed, first_id)
+                            fwd = Forwarder(
+                                table, connections, listening, AccessLog(access_log) if access_log else None, kernel, engine, passed, first_id, verdicts
+                            )
                             try:
                                 fwd._start(opened)
                                 log.info("ready", extra={"fields": {"listeners": fwd.addresses}})

@@ -3,7 +3,8 @@
     supervisor ─ binds every listener once: one SO_REUSEPORT socket per worker (_reuseport)
        │         installs and removes the offload rules; serves --control and --metrics
        │         for all the workers (control.workers); SIGHUP, SIGTERM, SIGUSR1, and
-       │         SIGUSR2: a new generation takes its sockets over (_upgrade)
+       │         SIGUSR2: a new generation takes its sockets over (_upgrade); runs the
+       │         health checks, once per target, and tells every worker the verdicts
        ├─ worker 1 ─ an ordinary serve() on its sockets (_worker), a private control socket
        ├─ worker 2
        └─ ...      a worker that exits is started again, with a back-off, on the same sockets
@@ -29,12 +30,13 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import msgspec
 import trio
 
 from . import _systemd as systemd
-from ._addresses import ListenKey, format_address, is_udp
+from ._addresses import UDP_OWNER, ListenKey, format_address, is_udp
 from ._config import worker_count
 from ._errors import ConfigError, ListenError
 from ._listeners import offload_only
@@ -42,8 +44,9 @@ from ._metrics_http import serve_metrics_on
 from ._offload import KernelRules, forwarded_instead, kernel_rules
 from ._reuseport import Group, bind_group, close_groups, steer, steered_keys
 from ._table import RouteTable, load_table, route_changes
+from ._targets import TargetRegistry
 from ._upgrade import UPGRADE_ENV, Handed, hand_over
-from ._worker import MESSAGE_MAX, WORKER_ENV, Reload, WorkerSpec
+from ._worker import MESSAGE_MAX, WORKER_ENV, HandedOver, Reload, Verdicts, WorkerSpec
 from .control.workers import WorkersControl
 
 __all__ = ["Supervisor", "supervise"]
@@ -57,10 +60,15 @@ RESTART_MAX = 30.0
 STABLE_AFTER = 10.0
 # How long a worker may take to apply a reload before the supervisor stops waiting for it.
 RELOAD_TIMEOUT = 30.0
+# How long telling one worker the health verdicts may wait for room in its channel: one
+# that is not reading misses this set, and catches up with the next (always the whole set).
+VERDICTS_TIMEOUT = 5.0
 # After shutdown_grace, workers that are still there are killed this much later.
 STOP_MARGIN = 5.0
 # How long a new generation (SIGUSR2) may take to have every worker ready.
 UPGRADE_TIMEOUT = 60.0
+# How often the supervisor looks for retired UDP listeners that no worker holds any more.
+RETIRED_CHECK = 2.0
 # systemd's variables are the supervisor's: a worker neither notifies nor pings.
 SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 EXIT_CANNOT_START = 2
@@ -92,6 +100,7 @@ class Supervisor:
         self.count = count
         self._table = table
         self.groups: dict[ListenKey, Group] = {}
+        self.retired: dict[ListenKey, Group] = {}  # UDP listeners a reload dropped, open in workers still (_retire)
         self.kernel = KernelRules()
         self.forwarded: frozenset[str] = frozenset()
         self.workers = [Worker(n, os.path.join(rundir, f"worker-{n}.sock")) for n in range(1, count + 1)]
@@ -100,6 +109,11 @@ class Supervisor:
         self._stopped = trio.Event()
         self._reload_lock = trio.Lock()
         self._first_ready, self._first_ready_events = trio.open_memory_channel[tuple[int, bool]](math.inf)
+        # The health checks: here, once per target for every worker (workers follow the
+        # verdicts); no warm sockets, those are the workers', who dial.
+        self.checks = TargetRegistry(warm=False, on_verdict=self._verdicts_turned)
+        self._turned = trio.Event()  # set when a verdict turned: every worker is told
+        self._checking: trio.Nursery | None = None  # where the checks run, while they do
 
     # -- what the control socket reads (control.workers.Fleet) --------------------------
 
@@ -131,11 +145,19 @@ class Supervisor:
     def controls(self) -> dict[int, str]:
         return {w.number: w.control for w in self.workers if w.ready}
 
+    def checked(self) -> dict[str, list[dict[str, Any]]]:
+        """Route name -> each target's state as the health checks here see them."""
+        return self.checks.describe(trio.current_time())
+
     def drain(self) -> None:
         """Stop accepting: the supervisor's copies closed (each worker closes its own), no worker started again."""
         self._draining = True
-        close_groups(self.groups.values())
-        self.groups = {}
+        self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        """The supervisor's copies of every listening socket, retired ones too, closed."""
+        close_groups([*self.groups.values(), *self.retired.values()])
+        self.groups, self.retired = {}, {}
 
     async def read_offload_counters(self) -> dict[str, tuple[int, int]]:
         return await self.kernel.read_counters()
@@ -145,13 +167,14 @@ class Supervisor:
     def _bind(self, keys: Iterable[ListenKey], table: RouteTable) -> dict[ListenKey, Group]:
         """A reuseport group for each key, or none (ListenError); an offload-only port that
         cannot be bound is skipped with a warning, as serve() does."""
-        udp = sorted({route.name for key, routes in table.by_listener.items() if is_udp(key) for route in routes})
-        if udp:  # a worker binds its UDP ports itself, and two cannot
-            raise ListenError(0, f"udp routes need [settings] workers = 1 for now: {', '.join(udp)}")
         optional, steered = offload_only(table), steered_keys(table)
         opened: dict[ListenKey, Group] = {}
         try:
             for key in keys:
+                if key in self.retired:  # a UDP port dropped while its sessions lived: the same sockets again
+                    opened[key] = group = self.retired[key]
+                    self._steer(group, key in steered)
+                    continue
                 inherited = self.handed.groups.pop(key, []) if self.handed is not None else []
                 if len(inherited) == self.count:  # the same queues the generation before accepted from
                     opened[key] = group = Group(key, format_address(inherited[0].getsockname()), inherited)
@@ -168,9 +191,39 @@ class Supervisor:
                     continue
                 self._steer(group, key in steered)
         except BaseException:
-            close_groups(opened.values())
+            self._discard(opened)
             raise
         return opened
+
+    def _discard(self, opened: dict[ListenKey, Group]) -> None:
+        """Close what a failed start or reload opened, but not a retired group it took up
+        again: workers' sessions may still reply through it."""
+        close_groups(group for key, group in opened.items() if self.retired.get(key) is not group)
+
+    def _retire(self, key: ListenKey, group: Group) -> None:
+        """A listener the route table dropped. A UDP one stays open in the workers while its
+        sessions reply through it, so the supervisor keeps its copies too, and a reload that
+        listens there again meanwhile gets the same sockets back: a new group would join the
+        workers' sockets in the kernel (one address, SO_REUSEPORT), and the program would
+        steer to sockets no worker reads. Closed once no worker holds them (_close_retired)."""
+        if is_udp(key):
+            self.retired[key] = group
+        else:
+            group.close()
+
+    async def _close_retired(self) -> None:
+        """Every RETIRED_CHECK seconds, close the retired groups no worker holds any more
+        (their last session has ended everywhere), which releases their ports."""
+        while True:
+            await trio.sleep(RETIRED_CHECK)
+            if not self.retired:
+                continue
+            async with self._reload_lock:  # a reload may be taking one up again
+                held = await trio.to_thread.run_sync(_socket_inodes, [p.pid for p in self._running().values()])
+                for key, group in list(self.retired.items()):
+                    if not any(os.fstat(sock.fileno()).st_ino in held for sock in group.sockets):
+                        del self.retired[key]
+                        group.close()
 
     @staticmethod
     def _steer(group: Group, by_client: bool) -> None:
@@ -180,8 +233,9 @@ class Supervisor:
             log.warning("cannot steer %s by client address (%s): per-IP limits count per worker there", group.address, exc.strerror or exc)
 
     def _ports(self) -> dict[str, int]:
-        """The port each port-0 route got (its workers listen on the same one)."""
-        return {key[2]: group.port for key, group in self.groups.items() if key[1] == 0}
+        """The port each port-0 route got (its workers listen on the same one), by route name:
+        a UDP route's key owner is its name with UDP_OWNER after it."""
+        return {key[2].removesuffix(UDP_OWNER): group.port for key, group in self.groups.items() if key[1] == 0}
 
     # -- the workers ----------------------------------------------------------------------
 
@@ -198,7 +252,7 @@ class Supervisor:
             sockets = [group.sockets[index].fileno() for group in self.groups.values()]
             spec = WorkerSpec(
                 number=worker.number, count=self.count, parent=os.getpid(), channel=theirs.fileno(), control=worker.control,
-                sockets=sockets, ports=self._ports(), forwarded=sorted(self.forwarded),
+                sockets=sockets, ports=self._ports(), forwarded=sorted(self.forwarded), down=self.checks.down(),
             )  # fmt: skip
             env = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY}
             env[WORKER_ENV] = msgspec.json.encode(spec).decode()
@@ -279,17 +333,22 @@ class Supervisor:
                 try:
                     served = await self.kernel.prepare(table)
                 except BaseException:
-                    close_groups(opened.values())
+                    self._discard(opened)
                     raise
                 old, self._table, self.forwarded = self._table, table, forwarded_instead(table, served)
                 self.groups.update(opened)  # from here, a worker that starts gets the new sockets
+                for key in opened:
+                    self.retired.pop(key, None)
+                if self._checking is not None:  # the checks follow the new table, as a forwarder's do
+                    self.checks.update(table.routes, self._checking.start_soon)
                 request = msgspec.json.encode(Reload(ports=self._ports(), forwarded=sorted(self.forwarded)))
                 async with trio.open_nursery() as nursery:
                     for worker in self.workers:
                         nursery.start_soon(self._reload_worker, worker, request, opened)
+                self._verdicts_turned()  # every worker hears the verdicts of its new table's targets
                 steered = steered_keys(table)
                 for key in [k for k in self.groups if k not in table.by_listener]:
-                    self.groups.pop(key).close()
+                    self._retire(key, self.groups.pop(key))
                 for key, group in self.groups.items():
                     self._steer(group, key in steered)
                 change = route_changes(old, table)
@@ -323,12 +382,37 @@ class Supervisor:
         second time: at once). Workers still there after shutdown_grace are killed."""
         first = not self._stopped.is_set()
         self._stopped.set()
-        close_groups(self.groups.values())
-        self.groups = {}
+        self._close_listeners()
         for process in self._running().values():
             process.send_signal(signal.SIGTERM)
         if first:
             nursery.start_soon(self._kill_late, self._table.shutdown_grace + STOP_MARGIN)
+
+    # -- health checks ------------------------------------------------------------------
+
+    async def _check_targets(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the routes' health checks (once per target, for every worker) until cancelled;
+        after each turn, tell every running worker the whole set of targets down now. A
+        worker that starts gets that set in its WorkerSpec, before it serves."""
+        try:
+            async with trio.open_nursery() as checking:
+                self._checking = checking
+                self.checks.update(self._table.routes, checking.start_soon)
+                task_status.started()
+                while True:
+                    await self._turned.wait()
+                    self._turned = trio.Event()
+                    message = msgspec.json.encode(Verdicts(down=self.checks.down()))
+                    async with trio.open_nursery() as telling:
+                        for worker in self.workers:
+                            if worker.channel is not None:
+                                telling.start_soon(_tell, worker.channel, message)
+        finally:
+            self._checking = None
+            self.checks.close()
+
+    def _verdicts_turned(self) -> None:
+        self._turned.set()
 
     async def _kill_late(self, delay: float) -> None:
         await trio.sleep(delay)
@@ -359,6 +443,7 @@ class Supervisor:
             self.groups = self._bind(self._table.by_listener, self._table)
             try:
                 async with trio.open_nursery() as services:
+                    await services.start(self._check_targets)
                     async with trio.open_nursery() as keepers:
                         for worker in self.workers:
                             keepers.start_soon(self._keep, worker)
@@ -375,11 +460,12 @@ class Supervisor:
                                 services.start_soon(systemd.watchdog, watchdog)
                             services.start_soon(self._on_signals, signals, services)
                             services.start_soon(self._on_upgrade, upgrade, control, metrics, services)
+                            services.start_soon(self._close_retired)
                             if self.handed is not None:
                                 self._took_over(self.handed)
                     services.cancel_scope.cancel()  # every worker has exited
             finally:
-                close_groups(self.groups.values())
+                self._close_listeners()
         log.info("stopped")
         return code
 
@@ -445,8 +531,20 @@ class Supervisor:
         self.upgraded = True
         self.kernel.installed = False  # the rules are the new generation's now: not removed at exit
         self._front.cancel()
+        await self._release_datagrams()
         self.stop(nursery)
         return True
+
+    async def _release_datagrams(self) -> None:
+        """Tell each worker, before it drains, that the new generation reads its UDP sockets
+        now: it stops reading them at once (its sessions' replies still leave by them), or
+        the two processes would split the datagrams of one flow between them. No reply, so
+        it may come between a reload's request and its answer."""
+        message = msgspec.json.encode(HandedOver())
+        async with trio.open_nursery() as nursery:
+            for worker in self.workers:
+                if worker.channel is not None:
+                    nursery.start_soon(_tell, worker.channel, message)
 
     async def _all_ready(self) -> bool:
         """Wait until every worker said it is ready the first time (True), or one exited before (False)."""
@@ -487,6 +585,27 @@ async def _exited(process: subprocess.Popen[bytes]) -> int:
     finally:
         os.close(pidfd)
     return process.wait()
+
+
+async def _tell(channel: trio.socket.SocketType, message: bytes) -> None:
+    """One message down a worker's channel, without a reply; a worker that exited meanwhile
+    (its replacement starts with the verdicts of then) or does not read is skipped."""
+    with trio.move_on_after(VERDICTS_TIMEOUT), contextlib.suppress(OSError):
+        await channel.send(message)
+
+
+def _socket_inodes(pids: Iterable[int]) -> set[int]:
+    """The inodes of the sockets these processes hold open (their /proc/PID/fd links read
+    "socket:[INODE]"); a process that exits meanwhile holds none."""
+    found: set[int] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        found.add(int(link[8:-1]))
+    return found
 
 
 def _status(code: int) -> str:

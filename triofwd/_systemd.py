@@ -186,6 +186,11 @@ def fit(bound: Bound, ip: IPAddress | None, port: int, protocol: str) -> int:
 class PassedSockets:
     """The sockets systemd passed, each handed to at most one listener: the one bound where it is."""
 
+    # Whether a UDP listener claims a socket from these. Not systemd's: a UDP listener that
+    # stops closes its socket (with its last session, in the datagram mover), and a socket
+    # systemd holds must go back open, as a TCP one does. A worker's handed sockets may close.
+    claims_udp = False
+
     def __init__(self, passed: Iterable[tuple[str, socket.socket]]) -> None:
         self._free = [(name, sock, Bound.of(sock)) for name, sock in passed]
         self._taken: dict[socket.socket, tuple[str, socket.socket, Bound]] = {}

@@ -56,7 +56,7 @@ KINDS = (*DIALING, *DYNAMIC, "handler", "reject", "offload")
 UDP_INACTIVITY_TIMEOUT = "60s"
 # What a UDP route may do; and the keys that mean nothing without a TCP stream, each
 # refused on a UDP route with the reason.
-UDP_ACTIONS = ("forward", "reject", "offload")
+UDP_ACTIONS = ("forward", "reject", "offload", "handler")
 UDP_REFUSED_KEYS = {
     "domains": "there is no TLS ClientHello to read a name from",
     "tls": "there is no TLS stream to pass through or terminate",
@@ -66,7 +66,6 @@ UDP_REFUSED_KEYS = {
     "initial_data_timeout": "every datagram is routed as it comes",
     "tcp_keepalive": "kernel keep-alive probes are TCP's",
     "warm": "a session's socket is connected when its first datagram comes",
-    "health_check": "health checks connect over TCP",
     "circuit_breaker": "a UDP target does not refuse a connect",
 }
 
@@ -282,7 +281,7 @@ def _is_async(obj: Any) -> bool:
 def _resolve_handler(spec: Any) -> Callable[..., Any]:
     if callable(spec):
         if not _is_async(spec):
-            raise ValueError(f"handler {spec!r} must be an async callable (stream, info)")
+            raise ValueError(f"handler {spec!r} must be an async callable (stream, info), or (session, info) on a UDP route")
         handler: Callable[..., Any] = spec
         return handler
     if not isinstance(spec, str) or not spec:
@@ -300,7 +299,7 @@ def _resolve_handler(spec: Any) -> Callable[..., Any]:
     if not callable(obj):
         raise ValueError(f"handler {spec!r} is not a callable in {module_name!r}")
     if not _is_async(obj):
-        raise ValueError(f"handler {spec!r} must be an async callable (stream, info)")
+        raise ValueError(f"handler {spec!r} must be an async callable (stream, info), or (session, info) on a UDP route")
     found: Callable[..., Any] = obj
     return found
 
@@ -393,7 +392,14 @@ def _compile_target_health(errors: _Errors, path: str, route: Route) -> tuple[Ch
     if spec is not None and dials:
         interval = errors.parse(f"{path}.health_check.interval", _positive_duration, spec.interval, 1.0)
         timeout = errors.parse(f"{path}.health_check.timeout", _positive_duration, spec.timeout, 1.0)
-        check = CheckPolicy(interval, timeout, spec.rise, spec.fall, spec.send.encode(), spec.expect.encode())
+        udp = route.protocol == "udp"
+        if udp and not spec.send:
+            # A connect proves nothing over UDP, and an empty datagram gets no answer from most servers.
+            errors.add(
+                f"{path}.health_check.send",
+                "a UDP route's health check needs send: the datagram each check sends (its reply, matching expect if given, is the pass)",
+            )
+        check = CheckPolicy(interval, timeout, spec.rise, spec.fall, spec.send.encode(), spec.expect.encode(), udp)
     breaker = route.circuit_breaker
     if breaker is not None and dials:
         backoff = errors.parse(f"{path}.circuit_breaker.backoff", _positive_duration, breaker.backoff, 1.0)
@@ -418,7 +424,7 @@ def _check_protocol(errors: _Errors, path: str, route: Route) -> None:
             errors.add(f"{path}.responses", 'responses is only used with protocol = "udp"')
         return
     if route.action not in UDP_ACTIONS:
-        errors.add(f"{path}.action", f'action = "{route.action}" is not available with protocol = "udp": use "forward", "reject" or "offload"')
+        errors.add(f"{path}.action", f'action = "{route.action}" is not available with protocol = "udp": use "forward", "reject", "offload" or "handler"')
     for key, why in UDP_REFUSED_KEYS.items():
         if getattr(route, key) not in (None, False, 0, "", []):
             errors.add(f"{path}.{key}", f'{key} is not used with protocol = "udp": {why}')
@@ -529,12 +535,6 @@ def compile_table(config: Config) -> RouteTable:
             errors.add(f"{path}.handler", 'handler is only used with action = "handler"')
         _check_offload_keys(errors, path, route)
         _check_protocol(errors, path, route)
-        if route.protocol == "udp" and settings.workers != 1:
-            # Worker processes share a listening socket: a flow's datagrams would be read by
-            # any of them, and its session (its connected socket, its replies) is in one.
-            errors.add(
-                f"{path}.protocol", 'protocol = "udp" needs [settings] workers = 1: a flow\'s datagrams must all reach the one process that holds its session'
-            )
         health, circuit = _compile_target_health(errors, path, route)
         tls, bridge_to = _compile_tls(errors, path, route, tls_loaded)
         destinations, users = _compile_dynamic(errors, path, route, listening)

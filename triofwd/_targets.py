@@ -6,15 +6,21 @@ its background task (only when the route asks for health checks or warm sockets)
 runs one checker and one warm-pool filler per target, inside a scope the forwarder
 cancels at reload or shutdown. A target whose address survives a reload keeps its
 Target object, so its health, circuit and warm sockets go on as they were.
+
+With worker processes the checks run once per target, in the supervisor (a registry
+without warm pools, `warm=False`); each worker's registry runs none and follows the
+supervisor's verdicts (`verdicts=`, then `follow`). The circuit breaker and the warm
+pools stay in each worker: they are about the connections that worker makes.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import select
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -111,10 +117,24 @@ class Target:
 class RouteTargets:
     """The targets of one route, in the route's order, with the balancer over them."""
 
-    def __init__(self, route: CompiledRoute, previous: RouteTargets | None = None, *, resolved: Iterable[tuple[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        route: CompiledRoute,
+        previous: RouteTargets | None = None,
+        *,
+        resolved: Iterable[tuple[str, int]] | None = None,
+        checks: bool = True,
+        warm: bool = True,
+        on_verdict: Callable[[], object] = lambda: None,
+    ) -> None:
         """`resolved`: instead of the route's targets, the addresses one client's destination
-        resolved to (socks5, http_connect), tried in the resolver's order, each once."""
+        resolved to (socks5, http_connect), tried in the resolver's order, each once.
+        `checks`, `warm`: whether this process runs the route's health checks and keeps its
+        warm sockets; `on_verdict` is called whenever a check turns a target."""
         self.route = route
+        self.checks = checks
+        self.warms = warm
+        self.on_verdict = on_verdict
         addresses = route.targets if resolved is None else tuple(resolved)
         self.cycles = resolved is None  # retries go round the targets again when there are fewer
         carried: dict[tuple[str, int], Target] = {t.address: t for t in previous.targets} if previous is not None else {}
@@ -133,7 +153,7 @@ class RouteTargets:
     @property
     def watched(self) -> bool:
         """Anything for the background task to do: health checks or warm sockets."""
-        return self.route.health is not None or self.route.warm > 0
+        return (self.checks and self.route.health is not None) or (self.warms and self.route.warm > 0)
 
     def order(self, attempts: int, now: float) -> list[int]:
         """Indexes of targets to try; only the usable ones (empty: every target is down)."""
@@ -155,9 +175,9 @@ class RouteTargets:
         with self.scope:
             async with trio.open_nursery() as nursery:
                 for target in self.targets:
-                    if self.route.health is not None:
+                    if self.checks and self.route.health is not None:
                         nursery.start_soon(self._check, target, self.route.health)
-                    if self.route.warm:
+                    if self.warms and self.route.warm:
                         nursery.start_soon(self._keep_warm, target)
 
     async def _check(self, target: Target, policy: CheckPolicy) -> None:
@@ -169,9 +189,11 @@ class RouteTargets:
             elif why is None:
                 if target.health.check_passed(policy):
                     log.warning("route %s: target %s is up again (%d checks passed)", self.route.name, target.name, policy.rise)
+                    self.on_verdict()
             elif target.health.check_failed(policy, why):
                 log.warning("route %s: target %s is down (%d checks failed, last: %s)", self.route.name, target.name, policy.fall, why)
                 target.close_warm()
+                self.on_verdict()
             await trio.sleep_until(began + policy.interval)
 
     async def _keep_warm(self, target: Target) -> None:
@@ -212,8 +234,11 @@ async def probe(address: tuple[str, int], policy: CheckPolicy) -> str | None:
     """One health check: None if the target passed, else why it did not (a few words).
 
     Connect within `timeout`; then, if the policy says so, send its bytes and read until
-    the expected bytes arrive — all within the same `timeout`.
+    the expected bytes arrive — all within the same `timeout`. A UDP check is a datagram
+    and its reply instead (`_probe_datagram`).
     """
+    if policy.udp:
+        return await _probe_datagram(address, policy)
     host, port = address
     stage = "connect"
     try:
@@ -239,11 +264,43 @@ async def probe(address: tuple[str, int], policy: CheckPolicy) -> str | None:
     return None
 
 
+async def _probe_datagram(address: tuple[str, int], policy: CheckPolicy) -> str | None:
+    """A UDP check: the policy's `send` bytes in one datagram on a connected socket, and a
+    reply within `timeout` (one containing `expect`, when given; others are read past). A
+    closed port answers with ICMP port unreachable, which the connected socket reports as
+    ECONNREFUSED; a fresh socket per check, so no late reply to an earlier one is taken."""
+    host, port = address
+    stage = "reply"
+    try:
+        with trio.fail_after(policy.timeout):
+            family, kind, proto, _, target = (await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM))[0]
+            with trio.socket.socket(family, kind, proto) as sock:
+                await sock.connect(target)
+                await sock.send(policy.send)
+                while policy.expect not in await sock.recv(EXPECT_WINDOW):  # b"" is in any reply
+                    stage = "expected reply"
+    except trio.TooSlowError:
+        return f"no {stage} within {policy.timeout:g}s"
+    except OSError as exc:
+        if exc.errno == errno.ECONNREFUSED:
+            return "connect_refused (ICMP port unreachable)"
+        return connect_failure(exc).value  # dns_error, target_unreachable; capacity: no verdict
+    return None
+
+
 class TargetRegistry:
     """One RouteTargets per route that dials targets, kept across reloads."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, verdicts: Mapping[str, Iterable[str]] | None = None, warm: bool = True, on_verdict: Callable[[], object] = lambda: None) -> None:
+        """`verdicts`: the health checks run elsewhere (a worker's supervisor) and none here;
+        the targets they found down so far, route name -> "ip:port"s (later ones: `follow`).
+        `warm`: keep the routes' warm sockets (a supervisor does not: its workers dial).
+        `on_verdict`: called whenever a check run here turns a target up or down."""
         self._by_route: dict[str, RouteTargets] = {}
+        self._checks = verdicts is None
+        self._down = {} if verdicts is None else {route: frozenset(names) for route, names in verdicts.items()}
+        self._warm = warm
+        self._on_verdict = on_verdict
 
     def for_route(self, route: CompiledRoute) -> RouteTargets:
         """The targets a connection on `route` dials."""
@@ -271,7 +328,9 @@ class TargetRegistry:
                 prior.route = route
                 self._by_route[route.name] = prior
                 continue
-            targets = self._by_route[route.name] = RouteTargets(route, prior)
+            targets = self._by_route[route.name] = RouteTargets(route, prior, checks=self._checks, warm=self._warm, on_verdict=self._on_verdict)
+            if not self._checks:
+                self._follow(targets)
             for target in targets.dropped:
                 target.close_warm()
             if prior is not None:
@@ -280,6 +339,26 @@ class TargetRegistry:
                 start_soon(targets.run)
         for gone in before.values():
             gone.close()
+
+    def follow(self, down: Mapping[str, Iterable[str]]) -> None:
+        """The verdicts of the health checks run elsewhere: these targets (route name ->
+        "ip:port"s) are down now, every other checked target is up."""
+        self._down = {route: frozenset(names) for route, names in down.items()}
+        for targets in self._by_route.values():
+            self._follow(targets)
+
+    def _follow(self, targets: RouteTargets) -> None:
+        if targets.route.health is None:
+            return  # not checked (any more): up, whatever was said of it before a reload
+        down = self._down.get(targets.route.name, frozenset())
+        for target in targets.targets:
+            if target.health.follow(target.name not in down) and target.name in down:
+                target.close_warm()
+
+    def down(self) -> dict[str, list[str]]:
+        """Route name -> its targets that health checks hold down now (routes with any)."""
+        found = {name: [t.name for t in targets.targets if not t.health.up] for name, targets in self._by_route.items()}
+        return {name: names for name, names in found.items() if names}
 
     def close(self) -> None:
         """Health checks stop, warm sockets close: none outlives the forwarder."""

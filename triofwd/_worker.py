@@ -9,7 +9,10 @@ What the supervisor hands a worker (`WorkerSpec`, JSON in the environment):
     forwarded  offload routes the supervisor forwards in user space (nftables unusable)
     channel    a SOCK_SEQPACKET socket to the supervisor: "ready" goes up it; a reload
                (with the sockets of new listeners, SCM_RIGHTS) comes down it, its result
-               goes back; its end (EOF) means the supervisor is gone
+               goes back; so do the verdicts of the supervisor's health checks (no
+               reply), and after an upgrade "handed over": stop reading the UDP
+               sockets; its end (EOF) means the supervisor is gone
+    down       the targets those checks hold down as the worker starts
     control    the path of the worker's private control socket, which the supervisor's
                own control socket and metrics read from
 
@@ -48,8 +51,10 @@ from .control import ControlServer, bind_control_socket
 __all__ = [
     "ID_SPAN",
     "WORKER_ENV",
+    "HandedOver",
     "HandedSockets",
     "Reload",
+    "Verdicts",
     "WorkerSpec",
     "die_with",
     "receive_fds",
@@ -83,14 +88,30 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     sockets: list[int]  # fds
     ports: dict[str, int] = {}
     forwarded: list[str] = []
+    down: dict[str, list[str]] = {}  # route name -> "ip:port"s its health checks hold down
 
 
-class Reload(msgspec.Struct, kw_only=True):
+class Reload(msgspec.Struct, kw_only=True, tag=True):
     """Down the channel: reload the route file, with these ports and offload verdicts; the
     sockets of new listeners ride with it."""
 
     ports: dict[str, int]
     forwarded: list[str]
+
+
+class Verdicts(msgspec.Struct, kw_only=True, tag=True):
+    """Down the channel: the supervisor runs the health checks, once per target for every
+    worker; after any turn (and a reload) each worker is told every target held down now,
+    route name -> "ip:port"s. The whole set each time: a worker that missed one catches up
+    with the next. No reply."""
+
+    down: dict[str, list[str]]
+
+
+class HandedOver(msgspec.Struct, kw_only=True, tag=True):
+    """Down the channel after an upgrade, before SIGTERM: the new generation reads this
+    worker's listening sockets now, so it stops reading its UDP ones
+    (Forwarder.release_datagrams). No reply."""
 
 
 def worker_spec() -> WorkerSpec | None:
@@ -102,8 +123,10 @@ def worker_spec() -> WorkerSpec | None:
 
 class HandedSockets(PassedSockets):
     """The listening sockets the supervisor handed this worker, claimed by the address they
-    are bound to (as systemd's are). A listener that stops closes its copy: the supervisor
-    holds the socket for as long as the listener lives, and closes it when it goes."""
+    are bound to (as systemd's are), UDP ones too. A listener that stops closes its copy: the
+    supervisor holds the socket for as long as the listener lives, and closes it when it goes."""
+
+    claims_udp = True
 
     def add(self, sockets: Iterable[socket.socket]) -> None:
         self._free.extend((f"fd {sock.fileno()}", sock, Bound.of(sock)) for sock in sockets)
@@ -202,7 +225,13 @@ async def serve_worker(args: argparse.Namespace, spec: WorkerSpec) -> int:
                 try:
                     fwd: Forwarder = await nursery.start(
                         lambda task_status: serve(
-                            table, access_log=access_log, passed=handed, kernel=rules, first_id=spec.number * ID_SPAN + 1, task_status=task_status
+                            table,
+                            access_log=access_log,
+                            passed=handed,
+                            kernel=rules,
+                            first_id=spec.number * ID_SPAN + 1,
+                            verdicts=spec.down,
+                            task_status=task_status,
                         )
                     )
                 except (ListenError, ConfigError) as exc:
@@ -236,7 +265,13 @@ async def _obey(fwd: Forwarder, channel: trio.socket.SocketType, handed: HandedS
                 log.warning("the supervisor is gone: stopping")
                 fwd.shutdown()
             return
-        request = msgspec.json.decode(data, type=Reload)
+        request = msgspec.json.decode(data, type=Reload | Verdicts | HandedOver)
+        if isinstance(request, Verdicts):
+            fwd.follow_verdicts(request.down)
+            continue
+        if isinstance(request, HandedOver):
+            fwd.release_datagrams()
+            continue
         rules.forwarded = frozenset(request.forwarded)
         reply: dict[str, Any]
         try:

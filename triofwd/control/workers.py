@@ -6,10 +6,12 @@ answers are put together:
     connections       every worker's rows, by id, each with its `worker`
     connection, kill  the worker the id names: worker N numbers its connections from
                       N * ID_SPAN + 1, so ids are unique across workers
-    stats, metrics    sums over the workers (target rows: counts summed, `up` only where
-                      every worker sees the target up, the worst circuit state), the
-                      supervisor's offload counters, and the workers' count and restarts
-    routes            the route table with every worker's active counts and target state
+    stats, metrics    sums over the workers (target rows: counts summed, the worst
+                      circuit state any worker is in; `up` and the checks are the
+                      supervisor's, which runs them once per target), the supervisor's
+                      offload counters, and the workers' count and restarts
+    routes            the route table with every worker's active counts and target state,
+                      the health checks' state the supervisor's
     reload            the supervisor's reload (checked once, then every worker)
     drain             the supervisor's sockets closed, every worker drained
     watch             the workers' event streams merged
@@ -40,7 +42,7 @@ from .client import open_control
 from .messages import ConnectionsArgs, IdArgs, NoArgs
 from .server import ControlServer, ReloadFn, _CommandError
 
-__all__ = ["Fleet", "WorkersControl", "merge_stats", "merge_targets"]
+__all__ = ["Fleet", "WorkersControl", "merge_stats", "merge_targets", "with_checks"]
 
 log = logging.getLogger("triofwd.control")
 
@@ -50,6 +52,8 @@ ASK_TIMEOUT = 5.0
 CIRCUIT_ORDER = ("closed", "half-open", "open")
 # Target row keys that add up over workers; the others show the worst or the latest.
 TARGET_SUMS = frozenset({"active", "warm", "failures_total", "circuit_opens_total", "checks_passed", "checks_failed"})
+# Target row keys that are the supervisor's: it runs the health checks, the workers follow.
+CHECK_KEYS = ("up", "checks_passed", "checks_failed", "last_check")
 
 
 class Fleet(Protocol):
@@ -65,6 +69,10 @@ class Fleet(Protocol):
     def restarts(self) -> int: ...
     def controls(self) -> dict[int, str]:
         """Worker number -> its private control socket, for each worker ready now."""
+        ...
+
+    def checked(self) -> dict[str, list[dict[str, Any]]]:
+        """Route name -> each target's state as the supervisor's health checks see them."""
         ...
 
     def drain(self) -> None: ...
@@ -143,6 +151,8 @@ class WorkersControl(ControlServer):
         """The workers' stats summed, as the `stats` command answers (histogram bounds as strings)."""
         answers = await self.ask_all("stats")
         merged = merge_stats(answers.values())
+        for route, rows in self.fleet.checked().items():
+            merged["targets"][route] = with_checks(merged["targets"].get(route, []), rows)
         merged.setdefault("routes", {})
         for name, (packets, nbytes) in (await self.fleet.read_offload_counters()).items():
             route = merged["routes"].setdefault(name, {"active": 0, "total": 0, "bytes_in": 0, "bytes_out": 0, "terminations": {}})
@@ -161,6 +171,7 @@ class WorkersControl(ControlServer):
             for row in rows:
                 by_name.setdefault(row["name"], []).append(row)
         listening = self.fleet.addresses
+        checked = self.fleet.checked()
         out = []
         for route in self.fleet.table.routes:
             rows = by_name.get(route.name, [])
@@ -171,7 +182,7 @@ class WorkersControl(ControlServer):
                 **first,
                 "listening": listening.get(route.name, []),
                 "active": sum(row["active"] for row in rows),
-                "target_state": merge_targets(row["target_state"] for row in rows),
+                "target_state": with_checks(merge_targets(row["target_state"] for row in rows), checked.get(route.name, [])),
             })  # fmt: skip
         return out
 
@@ -283,6 +294,21 @@ def merge_targets(lists: Iterable[Iterable[Mapping[str, Any]]]) -> list[dict[str
                 elif old is None:
                     into[key] = value
     return list(merged.values())
+
+
+def with_checks(merged: list[dict[str, Any]], checked: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The workers' merged rows of one route's targets with the supervisor's health-check
+    state, once per target: `up`, the checks' counts and the last one's outcome; `usable`
+    only where it is up too. A target no worker answered for shows the supervisor's row."""
+    by_target = {row["target"]: row for row in merged}
+    for row in checked:
+        into = by_target.get(row["target"])
+        if into is None:
+            merged.append(dict(row))
+            continue
+        into.update({key: row[key] for key in CHECK_KEYS})
+        into["usable"] = bool(into.get("usable")) and row["up"]
+    return merged
 
 
 def _raw(stats: Mapping[str, Any]) -> dict[str, Any]:
