@@ -173,8 +173,9 @@ def threaded_echo() -> Iterator[str]:
 # An echo server in a process of its own (asyncio: the standard library), for tests that make
 # thousands of connections: in the test's process its threads would take turns for the GIL
 # with the clients' (measured: 10,000 connections through two workers took twice as long).
-# It prints its port, then serves until its stdin closes.
-ECHO_PROCESS = r"""
+# It prints its port, then serves until its stdin closes. ECHO_SERVER is its code without
+# the call, for scripts that add to it.
+ECHO_SERVER = r"""
 import asyncio, sys
 
 async def echo(reader, writer):
@@ -190,9 +191,8 @@ async def serve():
     server = await asyncio.start_server(echo, "127.0.0.1", 0, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-asyncio.run(serve())
 """
+ECHO_PROCESS = ECHO_SERVER + "\nasyncio.run(serve())\n"
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import trio.testing
 import triofwd
 import triofwd._engine
 from tests.conftest import (
+    ECHO_SERVER,
     AccessLogCapture,
     Handler,
     backend,
@@ -823,23 +824,7 @@ CHURN_AT_ONCE = 50
 # forwarder has this process (and its fds) to itself and the peers the other core.
 #   echo             an echo server on 127.0.0.1: prints its port, serves until stdin closes
 #   churn PORT N K   N connections to PORT, K at a time: connect, send, the echo back, close
-CHURN_PEERS = r"""
-import asyncio, sys
-
-async def echo(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass
-    writer.close()
-
-async def serve():
-    server = await asyncio.start_server(echo, "127.0.0.1", 0, backlog=1024)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
+CHURN_PEERS = ECHO_SERVER + r"""
 async def churn(port, total, at_once):
     async def worker(first):
         for i in range(first, total, at_once):

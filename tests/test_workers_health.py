@@ -278,3 +278,77 @@ def test_the_supervisor_s_checks_replace_the_workers_check_fields_once_per_targe
     [t1, t2] = with_checks(merge_targets(worker_rows), checked)
     assert t1 == {"target": "t:1", "up": False, "usable": False, "circuit": "open", "active": 5, "checks_passed": 7, "checks_failed": 3, "last_check": "connect_refused"}
     assert t2 == checked[1], "a target no worker answered for: the supervisor's row"
+
+
+class UdpTarget:
+    """A UDP target on a fixed 127.0.0.1 port, in a thread: PING gets PONG (its time noted
+    in `probes`), anything else its name. Stopped, its port answers ICMP port unreachable."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.probes: list[float] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self._running = threading.Event()
+        self._running.set()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while self._running.is_set():
+            try:
+                data, peer = self.sock.recvfrom(65536)
+            except (TimeoutError, OSError):
+                continue
+            if data == b"PING":
+                self.probes.append(time.monotonic())
+                self.sock.sendto(b"PONG", peer)
+            else:
+                self.sock.sendto(self.name.encode(), peer)
+
+    def stop(self) -> None:
+        self._running.clear()
+        self._thread.join(TIMEOUT)
+        self.sock.close()
+
+
+def test_udp_targets_are_checked_once_per_interval_and_every_worker_follows(daemon: Callable[..., Daemon], tmp_path: pathlib.Path) -> None:
+    """A UDP route with workers = 2: the supervisor's datagram checks, once per interval for
+    both workers; a target that stops (ICMP unreachable) gets no new session from either."""
+    a, b = UdpTarget("a"), UdpTarget("b")
+    try:
+        text = routes(check=CHECK).replace("targets = []", f'targets = ["{a.address}", "{b.address}"]\nprotocol = "udp"\nresponses = 1')
+        control = tmp_path / "control.sock"
+        d = daemon(text, "--control", str(control), ready=False)
+        supervisor_ready(d)
+        wait_until(lambda: len(a.probes) >= 8)
+        probes = a.probes[:8]
+        assert probes[-1] - probes[0] >= 7 * INTERVAL * 0.8, "one checker, not one per worker"
+
+        def flows(count: int = CLIENTS) -> tuple[list[bytes], list[dict[str, Any]]]:
+            """`count` flows, each its own client socket: the target's name each got back."""
+            before = len(d.access_records())
+            replies = []
+            for _ in range(count):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.settimeout(TIMEOUT)
+                    sock.sendto(b"hi", d.address("r"))
+                    replies.append(sock.recv(64))
+            wait_until(lambda: len(d.access_records()) >= before + count)
+            return replies, d.access_records()[before:]
+
+        replies, records = flows()
+        assert set(replies) == {b"a", b"b"}
+        b.stop()
+        wait_until(lambda: not target_rows(control)[b.address]["up"])
+        assert target_rows(control)[b.address]["last_check"].startswith("connect_refused")
+        replies, records = flows()
+        assert replies == [b"a"] * CLIENTS, "no worker starts a session with the target that is down"
+        assert {r["id"] // ID_SPAN for r in records} == {1, 2}, "both workers served"
+        assert {r["reason"] for r in records} == {"normal"}
+    finally:
+        a.stop()
+        with contextlib.suppress(OSError, RuntimeError):
+            b.stop()

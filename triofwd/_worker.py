@@ -258,8 +258,11 @@ async def serve_worker(args: argparse.Namespace, spec: WorkerSpec) -> int:
 async def _obey(fwd: Forwarder, channel: trio.socket.SocketType, handed: HandedSockets, rules: ForeignRules, path: str, spec: WorkerSpec) -> None:
     """The supervisor's requests, one at a time, until its end of the channel closes."""
     while True:
-        data, ancdata, _, _ = await channel.recvmsg(MESSAGE_MAX, socket.CMSG_SPACE(FDS_MAX * 4), socket.MSG_CMSG_CLOEXEC)
+        data, ancdata, flags, _ = await channel.recvmsg(MESSAGE_MAX, socket.CMSG_SPACE(FDS_MAX * 4), socket.MSG_CMSG_CLOEXEC)
         handed.add(receive_fds(ancdata))
+        if flags & socket.MSG_TRUNC:  # a message cut short would not decode: said, and skipped
+            log.error("a message from the supervisor was longer than %d bytes and is ignored", MESSAGE_MAX)
+            continue
         if not data:
             if not fwd.stopping:
                 log.warning("the supervisor is gone: stopping")
