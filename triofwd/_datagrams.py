@@ -280,6 +280,8 @@ class Datagrams:
         self._view = memoryview(self._buffer)
         # Called with each new flow to start its session task (the forwarder's connection nursery).
         self.on_flow: Callable[[Flow], object] | None = None
+        # Called with each listening socket just before it closes (a worker tells its supervisor).
+        self.on_closed: Callable[[socket.socket], object] | None = None
         self.drops: collections.Counter[tuple[str, str]] = collections.Counter()  # (route, reason) -> datagrams
         self.batches = 0  # wakeups with events
         self.events = 0
@@ -353,6 +355,8 @@ class Datagrams:
         if self._listeners.get(listener.fd) is listener:
             del self._listeners[listener.fd]
             self._epoll.unregister(listener.fd)
+            if self.on_closed is not None:
+                self.on_closed(listener.sock)
             listener.sock.close()
 
     # -- sessions ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import socket
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import trio
@@ -156,6 +156,11 @@ class Forwarder:
         flow's datagrams between them; TCP listeners need nothing, an accepted connection is
         whole in whichever process accepted it."""
         self._context.engine.datagrams.release()
+
+    def on_udp_closed(self, callback: Callable[[socket.socket], object]) -> None:
+        """`callback(sock)` as each UDP listening socket closes: at once when its listener
+        stops without sessions, else with its last session (a worker tells its supervisor)."""
+        self._context.engine.datagrams.on_closed = callback
 
     def follow_verdicts(self, down: Mapping[str, Iterable[str]]) -> None:
         """Health checks run elsewhere (serve's `verdicts`) say these targets are down now,

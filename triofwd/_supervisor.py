@@ -67,8 +67,6 @@ VERDICTS_TIMEOUT = 5.0
 STOP_MARGIN = 5.0
 # How long a new generation (SIGUSR2) may take to have every worker ready.
 UPGRADE_TIMEOUT = 60.0
-# How often the supervisor looks for retired UDP listeners that no worker holds any more.
-RETIRED_CHECK = 2.0
 # systemd's variables are the supervisor's: a worker neither notifies nor pings.
 SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 EXIT_CANNOT_START = 2
@@ -86,6 +84,10 @@ class Worker:
         self.ever_ready = False  # ready at least once: its exits from now on are restarts
         self.lock = trio.Lock()  # one request down the channel at a time
         self.replies: trio.MemoryReceiveChannel[dict[str, object] | None] | None = None
+        # The UDP listening sockets (inodes) its process holds: handed at its start or by a
+        # reload it applied (`offered` until it answers), until it says "released" or exits.
+        self.holding: set[int] = set()
+        self.offered: set[int] = set()
 
 
 class Supervisor:
@@ -205,25 +207,27 @@ class Supervisor:
         sessions reply through it, so the supervisor keeps its copies too, and a reload that
         listens there again meanwhile gets the same sockets back: a new group would join the
         workers' sockets in the kernel (one address, SO_REUSEPORT), and the program would
-        steer to sockets no worker reads. Closed once no worker holds them (_close_retired)."""
+        steer to sockets no worker reads. Closed once no worker holds them (_close_unheld)."""
         if is_udp(key):
             self.retired[key] = group
         else:
             group.close()
 
-    async def _close_retired(self) -> None:
-        """Every RETIRED_CHECK seconds, close the retired groups no worker holds any more
-        (their last session has ended everywhere), which releases their ports."""
-        while True:
-            await trio.sleep(RETIRED_CHECK)
-            if not self.retired:
-                continue
-            async with self._reload_lock:  # a reload may be taking one up again
-                held = await trio.to_thread.run_sync(_socket_inodes, [p.pid for p in self._running().values()])
-                for key, group in list(self.retired.items()):
-                    if not any(os.fstat(sock.fileno()).st_ino in held for sock in group.sockets):
-                        del self.retired[key]
-                        group.close()
+    def _released(self) -> None:
+        """A worker let go of UDP sockets (it said "released", or it exited): the retired
+        groups that no worker holds now close, unless a reload, which may be taking one up
+        again, is under way (it looks itself when it is done)."""
+        if not self._reload_lock.locked():
+            self._close_unheld()
+
+    def _close_unheld(self) -> None:
+        """Close the retired groups no worker holds any more (their last session has ended
+        everywhere), which releases their ports."""
+        held = set().union(*(worker.holding for worker in self.workers))
+        for key, group in list(self.retired.items()):
+            if not any(_inode(sock) in held for sock in group.sockets):
+                del self.retired[key]
+                group.close()
 
     @staticmethod
     def _steer(group: Group, by_client: bool) -> None:
@@ -268,6 +272,7 @@ class Supervisor:
             channel = trio.socket.from_stdlib_socket(ours)
             send, replies = trio.open_memory_channel[dict[str, object] | None](math.inf)
             worker.process, worker.channel, worker.replies = process, channel, replies
+            worker.holding = {_inode(group.sockets[index]) for key, group in self.groups.items() if is_udp(key)}
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._hear, worker, channel, send)
@@ -276,6 +281,8 @@ class Supervisor:
             finally:
                 worker.process = worker.channel = worker.replies = None
                 worker.ready = False
+                worker.holding, worker.offered = set(), set()  # its sockets died with it
+                self._released()
         return code
 
     async def _hear(self, worker: Worker, channel: trio.socket.SocketType, replies: trio.MemorySendChannel[dict[str, object] | None]) -> None:
@@ -288,7 +295,13 @@ class Supervisor:
                     if not worker.ever_ready:
                         worker.ever_ready = True
                         self._first_ready.send_nowait((worker.number, True))
-                else:
+                elif "released" in message:
+                    worker.holding.discard(int(message["released"]))  # type: ignore[call-overload]
+                    self._released()
+                else:  # a reload's answer: applied, it holds the UDP sockets that came with it
+                    if "error" not in message:
+                        worker.holding |= worker.offered
+                    worker.offered = set()
                     replies.send_nowait(message)
             replies.send_nowait(None)
 
@@ -349,6 +362,7 @@ class Supervisor:
                 steered = steered_keys(table)
                 for key in [k for k in self.groups if k not in table.by_listener]:
                     self._retire(key, self.groups.pop(key))
+                self._close_unheld()
                 for key, group in self.groups.items():
                     self._steer(group, key in steered)
                 change = route_changes(old, table)
@@ -364,6 +378,7 @@ class Supervisor:
             if channel is None or replies is None:
                 return
             fds = array.array("i", (group.sockets[worker.number - 1].fileno() for group in opened.values()))
+            worker.offered = {_inode(group.sockets[worker.number - 1]) for key, group in opened.items() if is_udp(key)}
             try:
                 await channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else [])
             except OSError:  # exited meanwhile: its replacement starts on the new table
@@ -460,7 +475,6 @@ class Supervisor:
                                 services.start_soon(systemd.watchdog, watchdog)
                             services.start_soon(self._on_signals, signals, services)
                             services.start_soon(self._on_upgrade, upgrade, control, metrics, services)
-                            services.start_soon(self._close_retired)
                             if self.handed is not None:
                                 self._took_over(self.handed)
                     services.cancel_scope.cancel()  # every worker has exited
@@ -594,18 +608,9 @@ async def _tell(channel: trio.socket.SocketType, message: bytes) -> None:
         await channel.send(message)
 
 
-def _socket_inodes(pids: Iterable[int]) -> set[int]:
-    """The inodes of the sockets these processes hold open (their /proc/PID/fd links read
-    "socket:[INODE]"); a process that exits meanwhile holds none."""
-    found: set[int] = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if link.startswith("socket:["):
-                        found.add(int(link[8:-1]))
-    return found
+def _inode(sock: socket.socket) -> int:
+    """A socket's identity across processes: the inode its fds share (a worker's copy too)."""
+    return os.fstat(sock.fileno()).st_ino
 
 
 def _status(code: int) -> str:

@@ -11,7 +11,8 @@ What the supervisor hands a worker (`WorkerSpec`, JSON in the environment):
                (with the sockets of new listeners, SCM_RIGHTS) comes down it, its result
                goes back; so do the verdicts of the supervisor's health checks (no
                reply), and after an upgrade "handed over": stop reading the UDP
-               sockets; its end (EOF) means the supervisor is gone
+               sockets; "released" goes up when a UDP listening socket closes (its
+               last session gone); its end (EOF) means the supervisor is gone
     down       the targets those checks hold down as the worker starts
     control    the path of the worker's private control socket, which the supervisor's
                own control socket and metrics read from
@@ -29,6 +30,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -238,8 +240,13 @@ async def serve_worker(args: argparse.Namespace, spec: WorkerSpec) -> int:
                     return _fail(str(exc))
                 handed.close_unclaimed()
                 nursery.start_soon(ControlServer(fwd).serve, [control])
-                await channel.send(b'{"ready": true}')
-                nursery.start_soon(_obey, fwd, channel, handed, rules, args.routefile, spec)
+                # Everything up the channel goes through one queue, in order: a "released"
+                # sent before a reload's answer reaches the supervisor before it.
+                outbox, queued = trio.open_memory_channel[bytes](math.inf)
+                outbox.send_nowait(b'{"ready": true}')
+                fwd.on_udp_closed(lambda sock: outbox.send_nowait(b'{"released": %d}' % os.fstat(sock.fileno()).st_ino))
+                nursery.start_soon(_tell_supervisor, channel, queued)
+                nursery.start_soon(_obey, fwd, channel, outbox, handed, rules, args.routefile, spec)
                 nursery.start_soon(_on_signals, fwd, signals, log_file)
                 await fwd.wait_stopped()
                 nursery.cancel_scope.cancel()
@@ -255,7 +262,21 @@ async def serve_worker(args: argparse.Namespace, spec: WorkerSpec) -> int:
     return 0
 
 
-async def _obey(fwd: Forwarder, channel: trio.socket.SocketType, handed: HandedSockets, rules: ForeignRules, path: str, spec: WorkerSpec) -> None:
+async def _tell_supervisor(channel: trio.socket.SocketType, queued: trio.MemoryReceiveChannel[bytes]) -> None:
+    """Send what the worker says up the channel, in the order it was said."""
+    async for message in queued:
+        await channel.send(message)
+
+
+async def _obey(
+    fwd: Forwarder,
+    channel: trio.socket.SocketType,
+    outbox: trio.MemorySendChannel[bytes],
+    handed: HandedSockets,
+    rules: ForeignRules,
+    path: str,
+    spec: WorkerSpec,
+) -> None:
     """The supervisor's requests, one at a time, until its end of the channel closes."""
     while True:
         data, ancdata, flags, _ = await channel.recvmsg(MESSAGE_MAX, socket.CMSG_SPACE(FDS_MAX * 4), socket.MSG_CMSG_CLOEXEC)
@@ -283,7 +304,7 @@ async def _obey(fwd: Forwarder, channel: trio.socket.SocketType, handed: HandedS
             log.error("reload failed, the old routes stay in force: %s", exc)
             reply = {"error": str(exc)}
         handed.close_unclaimed()
-        await channel.send(json.dumps(reply).encode())
+        outbox.send_nowait(json.dumps(reply).encode())
 
 
 def tag_logs(number: int) -> None:
