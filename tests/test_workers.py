@@ -515,14 +515,28 @@ def test_sigterm_drains_every_worker_and_exits_0(daemon: Callable[..., Daemon], 
     assert all(gone(pid) for pid in pids)
 
 
-def test_sigkill_of_the_supervisor_leaves_no_process_behind(daemon: Callable[..., Daemon], echo_target: str) -> None:
-    d = daemon(routes(echo_target), ready=False)
+def test_sigkill_of_the_supervisor_leaves_no_process_behind(daemon: Callable[..., Daemon], echo_target: str, udp_echo: str) -> None:
+    """The workers drain on their own (PDEATHSIG): a held connection ends `shutdown` after
+    the grace, a UDP session too, and what a worker would tell its gone supervisor (its UDP
+    socket closing) is dropped quietly, not a traceback that cuts the drain short."""
+    dgram = ("[[routes]]", 'name = "dgram"', "ports = [0]", 'bind = "127.0.0.1"', f'targets = ["{udp_echo}"]', 'protocol = "udp"')
+    d = daemon("\n".join([routes(echo_target), *dgram]), ready=False)
     pids = supervisor_ready(d)["pids"]
     address = d.address("echo")
-    d.signal(signal.SIGKILL)
-    d.wait(TIMEOUT)
-    wait_until(lambda: all(gone(pid) for pid in pids))
-    assert refused(address)
+    held_conn = roundtrip(address)
+    session = udp_client("127.0.0.2")
+    try:
+        udp_exchange(session, d.address("dgram"))
+        d.signal(signal.SIGKILL)
+        d.wait(TIMEOUT)
+        wait_until(lambda: all(gone(pid) for pid in pids))
+        assert refused(address)
+    finally:
+        held_conn.close()
+        session.close()
+    reasons = {r["route"]: r["reason"] for r in d.access_records()}
+    assert reasons == {"echo": "shutdown", "dgram": "shutdown"}, reasons
+    assert "Traceback" not in d.stderr_path.read_text()
 
 
 def test_udp_flows_stay_in_one_worker_and_each_reply_reaches_its_client(daemon: Callable[..., Daemon], udp_echo: str, tmp_path: pathlib.Path) -> None:

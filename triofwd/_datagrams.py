@@ -313,6 +313,10 @@ class Datagrams:
         self._epoll.register(listener.fd, _IN)
         return listener
 
+    def listening_sockets(self) -> list[socket.socket]:
+        """Every listener's socket still open: taking new flows, or replying for old ones."""
+        return [listener.sock for listener in self._listeners.values()]
+
     def stop(self, listener: UdpListener) -> None:
         """No new flow on this listener; its socket closes once its last session has left."""
         listener.accepting = False

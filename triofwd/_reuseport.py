@@ -8,9 +8,12 @@ program attached to the group (SO_ATTACH_REUSEPORT_CBPF, Linux 4.5) picks the so
 client address alone, the same worker on every such port, so each client's connections all
 reach one worker and its per-IP counts and rates are exact.
 
-A UDP listener's group is always steered by that program: the kernel picks a socket for every
-datagram, and all of a flow's must reach the one worker that holds its session (and all of a
-client's flows the one that counts them), whatever the group's size or the kernel's hash.
+A UDP listener's group: the kernel picks a socket for every datagram, not once per
+connection. Its hash of addresses and ports is the same for every datagram of a flow, so a
+flow's datagrams all reach the one worker that holds its session; where a per-IP limit
+applies the program steers the group, so all of a client's flows reach the worker that
+counts them. A reload that adds or removes such a limit attaches or detaches the program,
+which moves live flows to another worker (a new session there).
 
 A socket stays in its group while any process holds it: the supervisor's copy keeps a
 worker's queue alive while that worker is replaced (a connection waits, it is not refused;

@@ -157,6 +157,10 @@ class Forwarder:
         whole in whichever process accepted it."""
         self._context.engine.datagrams.release()
 
+    def udp_sockets(self) -> list[socket.socket]:
+        """The UDP listening sockets open now (some may only carry old sessions' replies)."""
+        return self._context.engine.datagrams.listening_sockets()
+
     def on_udp_closed(self, callback: Callable[[socket.socket], object]) -> None:
         """`callback(sock)` as each UDP listening socket closes: at once when its listener
         stops without sessions, else with its last session (a worker tells its supervisor)."""

@@ -46,7 +46,7 @@ from ._reuseport import Group, bind_group, close_groups, steer, steered_keys
 from ._table import RouteTable, load_table, route_changes
 from ._targets import TargetRegistry
 from ._upgrade import UPGRADE_ENV, Handed, hand_over
-from ._worker import MESSAGE_MAX, WORKER_ENV, HandedOver, Reload, Verdicts, WorkerSpec
+from ._worker import MESSAGE_MAX, WORKER_ENV, HandedOver, Reload, Verdicts, WorkerSpec, socket_inode
 from .control.workers import WorkersControl
 
 __all__ = ["Supervisor", "supervise"]
@@ -60,9 +60,8 @@ RESTART_MAX = 30.0
 STABLE_AFTER = 10.0
 # How long a worker may take to apply a reload before the supervisor stops waiting for it.
 RELOAD_TIMEOUT = 30.0
-# How long telling one worker the health verdicts may wait for room in its channel: one
-# that is not reading misses this set, and catches up with the next (always the whole set).
-VERDICTS_TIMEOUT = 5.0
+# How long telling the workers of an upgrade (HandedOver) may wait for one that does not read.
+TELL_TIMEOUT = 5.0
 # After shutdown_grace, workers that are still there are killed this much later.
 STOP_MARGIN = 5.0
 # How long a new generation (SIGUSR2) may take to have every worker ready.
@@ -82,12 +81,20 @@ class Worker:
         self.channel: trio.socket.SocketType | None = None
         self.ready = False
         self.ever_ready = False  # ready at least once: its exits from now on are restarts
-        self.lock = trio.Lock()  # one request down the channel at a time
+        self.lock = trio.Lock()  # one request (and the wait for its answer) at a time
+        self.sending = trio.Lock()  # one message down the channel at a time (trio: one sender)
         self.replies: trio.MemoryReceiveChannel[dict[str, object] | None] | None = None
-        # The UDP listening sockets (inodes) its process holds: handed at its start or by a
-        # reload it applied (`offered` until it answers), until it says "released" or exits.
+        self.verdicts_due = trio.Event()  # set when a verdict turned: it is told the new set
+        # The UDP listening sockets (inodes) its process holds, as it says: in "ready" and in
+        # each reload's answer, less each "released"; nothing once it exits.
         self.holding: set[int] = set()
-        self.offered: set[int] = set()
+
+    async def send(self, message: bytes, fds: list[int] | None = None) -> None:
+        """One message down its channel (OSError: the worker is gone, or going)."""
+        async with self.sending:
+            if self.channel is None:
+                raise BrokenPipeError("the worker is not running")
+            await self.channel.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
 
 
 class Supervisor:
@@ -114,7 +121,6 @@ class Supervisor:
         # The health checks: here, once per target for every worker (workers follow the
         # verdicts); no warm sockets, those are the workers', who dial.
         self.checks = TargetRegistry(warm=False, on_verdict=self._verdicts_turned)
-        self._turned = trio.Event()  # set when a verdict turned: every worker is told
         self._checking: trio.Nursery | None = None  # where the checks run, while they do
 
     # -- what the control socket reads (control.workers.Fleet) --------------------------
@@ -225,7 +231,7 @@ class Supervisor:
         everywhere), which releases their ports."""
         held = set().union(*(worker.holding for worker in self.workers))
         for key, group in list(self.retired.items()):
-            if not any(_inode(sock) in held for sock in group.sockets):
+            if not any(socket_inode(sock) in held for sock in group.sockets):
                 del self.retired[key]
                 group.close()
 
@@ -272,24 +278,29 @@ class Supervisor:
             channel = trio.socket.from_stdlib_socket(ours)
             send, replies = trio.open_memory_channel[dict[str, object] | None](math.inf)
             worker.process, worker.channel, worker.replies = process, channel, replies
-            worker.holding = {_inode(group.sockets[index]) for key, group in self.groups.items() if is_udp(key)}
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._hear, worker, channel, send)
+                    nursery.start_soon(self._tell_verdicts, worker)
                     code = await _exited(process)
                     nursery.cancel_scope.cancel()
             finally:
                 worker.process = worker.channel = worker.replies = None
                 worker.ready = False
-                worker.holding, worker.offered = set(), set()  # its sockets died with it
+                worker.holding = set()  # its sockets died with it
                 self._released()
         return code
 
     async def _hear(self, worker: Worker, channel: trio.socket.SocketType, replies: trio.MemorySendChannel[dict[str, object] | None]) -> None:
-        """What the worker says: that it is ready, then the results of reloads; None when it is gone."""
+        """What the worker says: that it is ready, then the results of reloads, and which UDP
+        sockets it holds (with each of those, and as one closes); None when it is gone. The
+        worker says it all in order, so the last word on its sockets is the true one."""
         with replies:
             while data := await channel.recv(65536):
                 message = msgspec.json.decode(data, type=dict[str, object])
+                holding = message.get("holding")
+                if isinstance(holding, list):
+                    worker.holding = {int(inode) for inode in holding}
                 if message.get("ready"):
                     worker.ready = True
                     if not worker.ever_ready:
@@ -298,10 +309,7 @@ class Supervisor:
                 elif "released" in message:
                     worker.holding.discard(int(message["released"]))  # type: ignore[call-overload]
                     self._released()
-                else:  # a reload's answer: applied, it holds the UDP sockets that came with it
-                    if "error" not in message:
-                        worker.holding |= worker.offered
-                    worker.offered = set()
+                else:  # a reload's answer
                     replies.send_nowait(message)
             replies.send_nowait(None)
 
@@ -339,36 +347,40 @@ class Supervisor:
                 table = load_table(self.args.routefile)
                 if self.stopping:
                     raise ListenError(0, "stopping: the route file is not loaded again")
+                if self._upgrading:  # the sockets are being handed to a new generation: reload that one
+                    raise ListenError(0, "an upgrade is under way: the route file is not loaded again (reload the new generation)")
                 if worker_count(table.config.settings.workers) != self.count:
                     log.warning("[settings] workers changed: it takes effect when triofwd starts again (%d workers now)", self.count)
-                new_keys = [] if self._draining else [k for k in table.by_listener if k not in self.groups]
-                opened = self._bind(new_keys, table)
                 try:
-                    served = await self.kernel.prepare(table)
-                except BaseException:
-                    self._discard(opened)
-                    raise
-                old, self._table, self.forwarded = self._table, table, forwarded_instead(table, served)
-                self.groups.update(opened)  # from here, a worker that starts gets the new sockets
-                for key in opened:
-                    self.retired.pop(key, None)
-                if self._checking is not None:  # the checks follow the new table, as a forwarder's do
-                    self.checks.update(table.routes, self._checking.start_soon)
-                request = msgspec.json.encode(Reload(ports=self._ports(), forwarded=sorted(self.forwarded)))
-                async with trio.open_nursery() as nursery:
-                    for worker in self.workers:
-                        nursery.start_soon(self._reload_worker, worker, request, opened)
-                self._verdicts_turned()  # every worker hears the verdicts of its new table's targets
-                steered = steered_keys(table)
-                for key in [k for k in self.groups if k not in table.by_listener]:
-                    self._retire(key, self.groups.pop(key))
-                self._close_unheld()
-                for key, group in self.groups.items():
-                    self._steer(group, key in steered)
-                change = route_changes(old, table)
-                log.info("reloaded: %d routes (added %s, removed %s, changed %s)", len(table.routes),
-                         change["added"], change["removed"], change["changed"])  # fmt: skip
-                return change
+                    new_keys = [] if self._draining else [k for k in table.by_listener if k not in self.groups]
+                    opened = self._bind(new_keys, table)
+                    try:
+                        served = await self.kernel.prepare(table)
+                    except BaseException:
+                        self._discard(opened)
+                        raise
+                    old, self._table, self.forwarded = self._table, table, forwarded_instead(table, served)
+                    self.groups.update(opened)  # from here, a worker that starts gets the new sockets
+                    for key in opened:
+                        self.retired.pop(key, None)
+                    if self._checking is not None:  # the checks follow the new table, as a forwarder's do
+                        self.checks.update(table.routes, self._checking.start_soon)
+                    request = msgspec.json.encode(Reload(ports=self._ports(), forwarded=sorted(self.forwarded)))
+                    async with trio.open_nursery() as nursery:
+                        for worker in self.workers:
+                            nursery.start_soon(self._reload_worker, worker, request, opened)
+                    self._verdicts_turned()  # every worker hears the verdicts of its new table's targets
+                    steered = steered_keys(table)
+                    for key in [k for k in self.groups if k not in table.by_listener]:
+                        self._retire(key, self.groups.pop(key))
+                    for key, group in self.groups.items():
+                        self._steer(group, key in steered)
+                    change = route_changes(old, table)
+                    log.info("reloaded: %d routes (added %s, removed %s, changed %s)", len(table.routes),
+                             change["added"], change["removed"], change["changed"])  # fmt: skip
+                    return change
+                finally:  # what workers let go of meanwhile, and what this reload retired
+                    self._close_unheld()
 
     async def _reload_worker(self, worker: Worker, request: bytes, opened: dict[ListenKey, Group]) -> None:
         """Send the worker its sockets of the new listeners and the reload; wait for its answer.
@@ -377,10 +389,8 @@ class Supervisor:
             channel, replies = worker.channel, worker.replies
             if channel is None or replies is None:
                 return
-            fds = array.array("i", (group.sockets[worker.number - 1].fileno() for group in opened.values()))
-            worker.offered = {_inode(group.sockets[worker.number - 1]) for key, group in opened.items() if is_udp(key)}
             try:
-                await channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else [])
+                await worker.send(request, [group.sockets[worker.number - 1].fileno() for group in opened.values()])
             except OSError:  # exited meanwhile: its replacement starts on the new table
                 return
             with trio.move_on_after(RELOAD_TIMEOUT) as waited:
@@ -406,28 +416,33 @@ class Supervisor:
     # -- health checks ------------------------------------------------------------------
 
     async def _check_targets(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the routes' health checks (once per target, for every worker) until cancelled;
-        after each turn, tell every running worker the whole set of targets down now. A
-        worker that starts gets that set in its WorkerSpec, before it serves."""
+        """Run the routes' health checks (once per target, for every worker) until cancelled.
+        A worker that starts gets the verdicts of then in its WorkerSpec, before it serves;
+        later turns reach it through _tell_verdicts."""
         try:
             async with trio.open_nursery() as checking:
                 self._checking = checking
                 self.checks.update(self._table.routes, checking.start_soon)
                 task_status.started()
-                while True:
-                    await self._turned.wait()
-                    self._turned = trio.Event()
-                    message = msgspec.json.encode(Verdicts(down=self.checks.down()))
-                    async with trio.open_nursery() as telling:
-                        for worker in self.workers:
-                            if worker.channel is not None:
-                                telling.start_soon(_tell, worker.channel, message)
+                await trio.sleep_forever()
         finally:
             self._checking = None
             self.checks.close()
 
     def _verdicts_turned(self) -> None:
-        self._turned.set()
+        for worker in self.workers:
+            worker.verdicts_due.set()
+
+    async def _tell_verdicts(self, worker: Worker) -> None:
+        """While the worker runs: whenever a verdict turned, it hears the whole set of targets
+        down now. A worker slow to read holds up only itself, and hears the latest set."""
+        while True:
+            await worker.verdicts_due.wait()
+            worker.verdicts_due = trio.Event()  # a turn while this one is sent: sent again
+            try:
+                await worker.send(msgspec.json.encode(Verdicts(down=self.checks.down())))
+            except OSError:  # exiting: its replacement starts with the verdicts of then
+                return
 
     async def _kill_late(self, delay: float) -> None:
         await trio.sleep(delay)
@@ -528,7 +543,9 @@ class Supervisor:
             finally:
                 theirs.close()
             log.info("SIGUSR2: upgrade: a new generation (pid %d) takes over the sockets", process.pid)
-            groups = {key: group.sockets for key, group in self.groups.items()}
+            # Retired UDP groups too: a new generation that listens there again must take the
+            # sockets this one's sessions still hold, or a new group would join them.
+            groups = {key: group.sockets for key, group in {**self.retired, **self.groups}.items()}
             with contextlib.suppress(OSError):  # it exited already: it will not answer below
                 await trio.to_thread.run_sync(hand_over, ours, groups, control.socket if control is not None else None, [m.socket for m in metrics or ()])
             channel = trio.socket.from_stdlib_socket(ours)
@@ -557,8 +574,7 @@ class Supervisor:
         message = msgspec.json.encode(HandedOver())
         async with trio.open_nursery() as nursery:
             for worker in self.workers:
-                if worker.channel is not None:
-                    nursery.start_soon(_tell, worker.channel, message)
+                nursery.start_soon(_tell, worker, message)
 
     async def _all_ready(self) -> bool:
         """Wait until every worker said it is ready the first time (True), or one exited before (False)."""
@@ -601,16 +617,11 @@ async def _exited(process: subprocess.Popen[bytes]) -> int:
     return process.wait()
 
 
-async def _tell(channel: trio.socket.SocketType, message: bytes) -> None:
-    """One message down a worker's channel, without a reply; a worker that exited meanwhile
-    (its replacement starts with the verdicts of then) or does not read is skipped."""
-    with trio.move_on_after(VERDICTS_TIMEOUT), contextlib.suppress(OSError):
-        await channel.send(message)
-
-
-def _inode(sock: socket.socket) -> int:
-    """A socket's identity across processes: the inode its fds share (a worker's copy too)."""
-    return os.fstat(sock.fileno()).st_ino
+async def _tell(worker: Worker, message: bytes) -> None:
+    """One message down a worker's channel, without a reply; a worker that is gone or does
+    not read within TELL_TIMEOUT is skipped."""
+    with trio.move_on_after(TELL_TIMEOUT), contextlib.suppress(OSError):
+        await worker.send(message)
 
 
 def _status(code: int) -> str:

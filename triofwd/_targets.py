@@ -352,8 +352,11 @@ class TargetRegistry:
             return  # not checked (any more): up, whatever was said of it before a reload
         down = self._down.get(targets.route.name, frozenset())
         for target in targets.targets:
-            if target.health.follow(target.name not in down) and target.name in down:
-                target.close_warm()
+            up = target.name not in down
+            if target.health.follow(up):
+                log.info("route %s: target %s is %s, as the supervisor's checks say", targets.route.name, target.name, "up" if up else "down")
+                if not up:
+                    target.close_warm()
 
     def down(self) -> dict[str, list[str]]:
         """Route name -> its targets that health checks hold down now (routes with any)."""

@@ -62,6 +62,7 @@ __all__ = [
     "receive_fds",
     "serve_worker",
     "share",
+    "socket_inode",
     "tag_logs",
     "worker_spec",
     "worker_table",
@@ -242,9 +243,11 @@ async def serve_worker(args: argparse.Namespace, spec: WorkerSpec) -> int:
                 nursery.start_soon(ControlServer(fwd).serve, [control])
                 # Everything up the channel goes through one queue, in order: a "released"
                 # sent before a reload's answer reaches the supervisor before it.
+                # What it holds is said with "ready" and each reload's answer, each computed
+                # and queued at once, with no wait between that a socket could close in.
                 outbox, queued = trio.open_memory_channel[bytes](math.inf)
-                outbox.send_nowait(b'{"ready": true}')
-                fwd.on_udp_closed(lambda sock: outbox.send_nowait(b'{"released": %d}' % os.fstat(sock.fileno()).st_ino))
+                outbox.send_nowait(json.dumps({"ready": True, "holding": _holding(fwd)}).encode())
+                fwd.on_udp_closed(lambda sock: outbox.send_nowait(json.dumps({"released": socket_inode(sock)}).encode()))
                 nursery.start_soon(_tell_supervisor, channel, queued)
                 nursery.start_soon(_obey, fwd, channel, outbox, handed, rules, args.routefile, spec)
                 nursery.start_soon(_on_signals, fwd, signals, log_file)
@@ -262,10 +265,22 @@ async def serve_worker(args: argparse.Namespace, spec: WorkerSpec) -> int:
     return 0
 
 
+def socket_inode(sock: socket.socket) -> int:
+    """A socket's identity across processes: the inode its fds share (the supervisor's too)."""
+    return os.fstat(sock.fileno()).st_ino
+
+
+def _holding(fwd: Forwarder) -> list[int]:
+    """The UDP listening sockets this worker holds open, for its supervisor (_supervisor)."""
+    return [socket_inode(sock) for sock in fwd.udp_sockets()]
+
+
 async def _tell_supervisor(channel: trio.socket.SocketType, queued: trio.MemoryReceiveChannel[bytes]) -> None:
-    """Send what the worker says up the channel, in the order it was said."""
-    async for message in queued:
-        await channel.send(message)
+    """Send what the worker says up the channel, in the order it was said, until the
+    supervisor is gone (the worker then drains on its own: nothing more to tell)."""
+    with contextlib.suppress(OSError):
+        async for message in queued:
+            await channel.send(message)
 
 
 async def _obey(
@@ -304,7 +319,7 @@ async def _obey(
             log.error("reload failed, the old routes stay in force: %s", exc)
             reply = {"error": str(exc)}
         handed.close_unclaimed()
-        outbox.send_nowait(json.dumps(reply).encode())
+        outbox.send_nowait(json.dumps({**reply, "holding": _holding(fwd)}).encode())
 
 
 def tag_logs(number: int) -> None:
