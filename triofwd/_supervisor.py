@@ -117,6 +117,7 @@ class Supervisor:
         self._draining = False
         self._stopped = trio.Event()
         self._reload_lock = trio.Lock()
+        self._reloads = 0  # the serial of the last Reload sent
         self._first_ready, self._first_ready_events = trio.open_memory_channel[tuple[int, bool]](math.inf)
         # The health checks: here, once per target for every worker (workers follow the
         # verdicts); no warm sockets, those are the workers', who dial.
@@ -365,7 +366,8 @@ class Supervisor:
                         self.retired.pop(key, None)
                     if self._checking is not None:  # the checks follow the new table, as a forwarder's do
                         self.checks.update(table.routes, self._checking.start_soon)
-                    request = msgspec.json.encode(Reload(ports=self._ports(), forwarded=sorted(self.forwarded)))
+                    self._reloads += 1
+                    request = msgspec.json.encode(Reload(ports=self._ports(), forwarded=sorted(self.forwarded), serial=self._reloads))
                     async with trio.open_nursery() as nursery:
                         for worker in self.workers:
                             nursery.start_soon(self._reload_worker, worker, request, opened)
@@ -394,7 +396,8 @@ class Supervisor:
             except OSError:  # exited meanwhile: its replacement starts on the new table
                 return
             with trio.move_on_after(RELOAD_TIMEOUT) as waited:
-                reply = await replies.receive()
+                while (reply := await replies.receive()) is not None and reply.get("serial") != self._reloads:
+                    pass  # the late answer to a reload it did not apply in time: that one is over
             if waited.cancelled_caught:
                 log.error("worker %d did not apply the reload within %.0fs", worker.number, RELOAD_TIMEOUT)
             elif reply is not None and "error" in reply:

@@ -96,10 +96,12 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
 
 class Reload(msgspec.Struct, kw_only=True, tag=True):
     """Down the channel: reload the route file, with these ports and offload verdicts; the
-    sockets of new listeners ride with it."""
+    sockets of new listeners ride with it. The answer names its `serial`, so an answer that
+    comes after the supervisor stopped waiting is not taken for the next reload's."""
 
     ports: dict[str, int]
     forwarded: list[str]
+    serial: int = 0
 
 
 class Verdicts(msgspec.Struct, kw_only=True, tag=True):
@@ -319,7 +321,7 @@ async def _obey(
             log.error("reload failed, the old routes stay in force: %s", exc)
             reply = {"error": str(exc)}
         handed.close_unclaimed()
-        outbox.send_nowait(json.dumps({**reply, "holding": _holding(fwd)}).encode())
+        outbox.send_nowait(json.dumps({**reply, "serial": request.serial, "holding": _holding(fwd)}).encode())
 
 
 def tag_logs(number: int) -> None:
