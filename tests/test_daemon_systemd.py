@@ -257,3 +257,46 @@ async def test_a_passed_socket_goes_back_open_when_its_listener_stops_or_its_rel
                 assert await receive_exactly(stream, 4) == b"back"
         # serve() has ended: the socket is the caller's again, open.
         assert passed.unclaimed == [("spare", spare)] and spare.fileno() != -1
+
+
+def test_passed_sockets_with_two_workers_one_queue_every_worker_holds_and_a_reload_gives_back(daemon: Callable[..., Daemon], tmp_path: pathlib.Path) -> None:
+    """workers = 2 under socket activation: systemd's one socket per address is every
+    worker's (each holds it and accepts from its queue), READY=1 once both are ready, a port
+    with a per-IP limit says that limit counts per worker there, and a reload that drops the
+    route gives the socket back, open, for the next reload to claim."""
+    with threaded_echo() as target, listening() as [web], fake_systemd(tmp_path) as systemd:
+        text = routes(target, port(web)).replace("[settings]", "[settings]\nworkers = 2\nmax_connections_per_ip = 100")
+        d = daemon(text, "--log-level", "info", env=systemd.env(), ready=False, **activated([web], "web"))
+        assert systemd.expect(not_watchdog) == b"READY=1\nSTATUS=2 workers"
+        assert len([e for e in d.logs() if e.get("msg") == "ready" and "worker" in e]) == 2, "READY=1 after both workers"
+        [steering] = [e for e in d.logs() if "is systemd's socket" in e.get("msg", "")]
+        assert steering["msg"] == f"127.0.0.1:{port(web)} is systemd's socket, one queue for every worker: per-IP limits count per worker there"
+        [supervisor] = [e for e in d.logs() if e.get("msg") == "ready" and "worker" not in e]
+        for pid in supervisor["pids"]:
+            socket_fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert os.readlink(f"/proc/self/fd/{web.fileno()}") in socket_fds, "the worker holds systemd's socket itself"
+        held = [roundtrip(web.getsockname()) for _ in range(40)]
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + TIMEOUT
+        while len([r for r in d.access_records() if r["route"] == "echo"]) < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # Which worker takes a connection is whichever wakes first: not asserted, only that
+        # every one was served by one of the two.
+        served = [r for r in d.access_records() if r["route"] == "echo"]
+        assert len(served) == 40 and {r["reason"] for r in served} == {"normal"}
+        assert {r["id"] // 10**12 for r in served} <= {1, 2}
+        # A reload without the route: the socket goes back to the supervisor, open; a reload
+        # with it again claims it again.
+        without = text.split('[[routes]]\nname = "echo"')[0] + '[[routes]]\nname = "own"' + text.split('[[routes]]\nname = "own"')[1]
+        d.routefile.write_text(without)
+        d.signal(signal.SIGHUP)
+        d.wait_log("reloaded", count=3)  # each worker's, then the supervisor's
+        d.routefile.write_text(text)
+        d.signal(signal.SIGHUP)
+        d.wait_log("reloaded", count=6)
+        roundtrip(web.getsockname()).close()
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+        with socket.create_connection(web.getsockname(), timeout=TIMEOUT):
+            pass  # systemd's copy still listens

@@ -256,10 +256,10 @@ async def _serve(args: argparse.Namespace, passed: systemd.PassedSockets, watchd
             for listener in metrics or ():
                 resources.callback(listener.socket.close)
             if (count := worker_count(config.settings.workers)) > 1:
-                if passed.unclaimed:
-                    return _fail("socket activation (LISTEN_FDS) needs [settings] workers = 1")
                 try:
-                    return await supervise(args, table, count, control, metrics, signals, watchdog, handed, lambda: _HANDED_OVER.append(resources.pop_all()))
+                    return await supervise(
+                        args, table, count, control, metrics, signals, watchdog, handed, lambda: _HANDED_OVER.append(resources.pop_all()), passed
+                    )
                 except ListenError as exc:  # a port, or the offload rules: nothing has started
                     return _fail(str(exc))
             async with trio.open_nursery() as nursery:

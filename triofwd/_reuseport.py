@@ -66,6 +66,9 @@ class Group:
     address: str  # "ip:port" as bound (port 0 resolved)
     sockets: list[socket.socket]
     steered: bool = False  # the client-address program is attached
+    # systemd's socket (socket activation), the same one for every worker: one queue they
+    # all accept from, never steered; given back, not closed, when a reload drops it.
+    activated: bool = False
 
     @property
     def port(self) -> int:

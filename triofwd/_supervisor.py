@@ -100,9 +100,12 @@ class Worker:
 class Supervisor:
     """The listeners, the offload rules and the worker processes of one `triofwd serve`."""
 
-    def __init__(self, args: argparse.Namespace, table: RouteTable, count: int, rundir: str, handed: Handed | None = None) -> None:
+    def __init__(
+        self, args: argparse.Namespace, table: RouteTable, count: int, rundir: str, handed: Handed | None = None, passed: systemd.PassedSockets | None = None
+    ) -> None:
         self.args = args
         self.handed = handed  # the sockets of the generation before (an upgrade), used instead of binding
+        self.passed = passed  # systemd's sockets (socket activation), used instead of binding
         self.upgraded = False  # a new generation took over: it owns the sockets, rules and control socket now
         self._upgrading = False
         self._front = trio.CancelScope()  # the control socket and metrics: the new generation answers after an upgrade
@@ -191,6 +194,11 @@ class Supervisor:
                     continue
                 for sock in inherited:
                     sock.close()
+                if (activated := self._activated(key)) is not None:
+                    opened[key] = activated
+                    if key in steered:
+                        log.warning("%s is systemd's socket, one queue for every worker: per-IP limits count per worker there", activated.address)
+                    continue
                 try:
                     opened[key] = group = bind_group(key, self.count)
                 except ListenError as exc:
@@ -204,10 +212,30 @@ class Supervisor:
             raise
         return opened
 
+    def _activated(self, key: ListenKey) -> Group | None:
+        """The socket systemd passed for a TCP key (socket activation), as a group that hands
+        that one socket to every worker: systemd binds one socket per address, so the workers
+        share its queue (and per-IP steering, which needs a socket each, is not done)."""
+        if self.passed is None or is_udp(key):  # a UDP listener binds its own, as with one process
+            return None
+        bind, port, _ = key
+        sock = self.passed.claim([(bind, port, "tcp")]).get((bind, port, "tcp"))
+        if sock is None:
+            return None
+        return Group(key, format_address(sock.getsockname()), [sock] * self.count, activated=True)
+
+    def _let_go(self, group: Group) -> None:
+        """A group no listener uses: closed, or systemd's socket given back, open, for a
+        later reload to claim again (systemd holds it for the life of the service)."""
+        if not (group.activated and self.passed is not None and self.passed.give_back(group.sockets[0])):
+            group.close()
+
     def _discard(self, opened: dict[ListenKey, Group]) -> None:
         """Close what a failed start or reload opened, but not a retired group it took up
         again: workers' sessions may still reply through it."""
-        close_groups(group for key, group in opened.items() if self.retired.get(key) is not group)
+        for key, group in opened.items():
+            if self.retired.get(key) is not group:
+                self._let_go(group)
 
     def _retire(self, key: ListenKey, group: Group) -> None:
         """A listener the route table dropped. A UDP one stays open in the workers while its
@@ -218,7 +246,7 @@ class Supervisor:
         if is_udp(key):
             self.retired[key] = group
         else:
-            group.close()
+            self._let_go(group)
 
     def _released(self) -> None:
         """A worker let go of UDP sockets (it said "released", or it exited): the retired
@@ -238,6 +266,8 @@ class Supervisor:
 
     @staticmethod
     def _steer(group: Group, by_client: bool) -> None:
+        if group.activated:  # systemd's one socket: not a group, nothing to steer
+            return
         try:
             steer(group, by_client)
         except OSError as exc:
@@ -474,6 +504,8 @@ class Supervisor:
             served = await kernel.prepare(self._table)
             self.forwarded = forwarded_instead(self._table, served)
             self.groups = self._bind(self._table.by_listener, self._table)
+            for name, sock in self.passed.unclaimed if self.passed is not None else ():  # kept open: a reload may add its route
+                log.warning("systemd passed a socket no route listens on: %s (%s)", name, format_address(sock.getsockname()))
             try:
                 async with trio.open_nursery() as services:
                     await services.start(self._check_targets)
@@ -641,6 +673,7 @@ async def supervise(
     watchdog: float | None,
     handed: Handed | None = None,
     release: Callable[[], object] = lambda: None,
+    passed: systemd.PassedSockets | None = None,
 ) -> int:
     """`triofwd serve` with `count` workers, on the control and metrics listeners the command
     line bound (or the generation before `handed` over): 0 after a clean stop, 2 when a worker
@@ -650,7 +683,7 @@ async def supervise(
     rundir = tempfile.mkdtemp(prefix="triofwd-workers-")  # the workers' private control sockets, 0700
     try:
         with trio.open_signal_receiver(signal.SIGUSR2) as upgrade:
-            supervisor = Supervisor(args, table, count, rundir, handed)
+            supervisor = Supervisor(args, table, count, rundir, handed, passed)
             code = await supervisor.run(control, metrics, signals, watchdog, upgrade)
             if supervisor.upgraded:
                 release()
