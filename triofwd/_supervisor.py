@@ -46,7 +46,7 @@ from ._reuseport import Group, bind_group, close_groups, steer, steered_keys
 from ._table import RouteTable, load_table, route_changes
 from ._targets import TargetRegistry
 from ._upgrade import UPGRADE_ENV, Handed, hand_over
-from ._worker import MESSAGE_MAX, WORKER_ENV, HandedOver, Reload, Verdicts, WorkerSpec, socket_inode
+from ._worker import MESSAGE_MAX, WORKER_ENV, HandedOver, Reload, ReloadSpec, Verdicts, WorkerSpec, socket_inode
 from .control.workers import WorkersControl
 
 __all__ = ["Supervisor", "supervise"]
@@ -115,6 +115,7 @@ class Supervisor:
         self.retired: dict[ListenKey, Group] = {}  # UDP listeners a reload dropped, open in workers still (_retire)
         self.kernel = KernelRules()
         self.forwarded: frozenset[str] = frozenset()
+        self.rundir = rundir  # 0700: the workers' control sockets, their specs, the reload specs
         self.workers = [Worker(n, os.path.join(rundir, f"worker-{n}.sock")) for n in range(1, count + 1)]
         self._restarts = 0
         self._draining = False
@@ -296,7 +297,7 @@ class Supervisor:
                 sockets=sockets, ports=self._ports(), forwarded=sorted(self.forwarded), down=self.checks.down(),
             )  # fmt: skip
             env = {k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY}
-            env[WORKER_ENV] = msgspec.json.encode(spec).decode()
+            env[WORKER_ENV] = _write(os.path.join(self.rundir, f"worker-{worker.number}.json"), spec)
             try:
                 # Started from the event loop's own thread, not from a worker thread as
                 # trio.run_process would: PR_SET_PDEATHSIG fires when the thread that forked
@@ -397,7 +398,10 @@ class Supervisor:
                     if self._checking is not None:  # the checks follow the new table, as a forwarder's do
                         self.checks.update(table.routes, self._checking.start_soon)
                     self._reloads += 1
-                    request = msgspec.json.encode(Reload(ports=self._ports(), forwarded=sorted(self.forwarded), serial=self._reloads))
+                    with contextlib.suppress(FileNotFoundError):  # the one before: its reload is over
+                        os.unlink(os.path.join(self.rundir, f"reload-{self._reloads - 1}.json"))
+                    spec = _write(os.path.join(self.rundir, f"reload-{self._reloads}.json"), ReloadSpec(ports=self._ports(), forwarded=sorted(self.forwarded)))
+                    request = msgspec.json.encode(Reload(path=spec, serial=self._reloads))
                     async with trio.open_nursery() as nursery:
                         for worker in self.workers:
                             nursery.start_soon(self._reload_worker, worker, request, opened)
@@ -657,6 +661,14 @@ async def _tell(worker: Worker, message: bytes) -> None:
     not read within TELL_TIMEOUT is skipped."""
     with trio.move_on_after(TELL_TIMEOUT), contextlib.suppress(OSError):
         await worker.send(message)
+
+
+def _write(path: str, spec: msgspec.Struct) -> str:
+    """`spec` as JSON in a new file at `path` (in the supervisor's 0700 run directory), for
+    a worker to read; the path."""
+    with open(path, "wb") as file:
+        file.write(msgspec.json.encode(spec))
+    return path
 
 
 def _status(code: int) -> str:

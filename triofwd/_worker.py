@@ -1,7 +1,9 @@
 """One worker process of `triofwd serve` with `workers` > 1: an ordinary serve() on sockets
 its supervisor bound, told apart by TRIOFWD_WORKER in its environment.
 
-What the supervisor hands a worker (`WorkerSpec`, JSON in the environment):
+What the supervisor hands a worker (`WorkerSpec`, JSON in a file of the supervisor's 0700
+run directory, named in the environment: a table of thousands of routes on port 0 makes a
+spec longer than an environment variable may be):
 
     number     1..count; its connection ids are number * ID_SPAN + its own
     sockets    its socket of each listener's reuseport group (fds passed to it)
@@ -81,7 +83,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
-    """What the supervisor tells a worker it starts (TRIOFWD_WORKER, JSON)."""
+    """What the supervisor tells a worker it starts (a JSON file, TRIOFWD_WORKER its path)."""
 
     number: int
     count: int
@@ -95,13 +97,21 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
 
 
 class Reload(msgspec.Struct, kw_only=True, tag=True):
-    """Down the channel: reload the route file, with these ports and offload verdicts; the
-    sockets of new listeners ride with it. The answer names its `serial`, so an answer that
-    comes after the supervisor stopped waiting is not taken for the next reload's."""
+    """Down the channel: reload the route file, with the ports and offload verdicts in the
+    file at `path` (a ReloadSpec: a message has at most MESSAGE_MAX bytes, those may be
+    more); the sockets of new listeners ride with it. The answer names its `serial`, so an
+    answer that comes after the supervisor stopped waiting is not taken for the next one's."""
+
+    path: str
+    serial: int
+
+
+class ReloadSpec(msgspec.Struct, kw_only=True):
+    """What a reload needs besides the route file: the port each route on port 0 got, and
+    the offload routes the supervisor forwards in user space."""
 
     ports: dict[str, int]
     forwarded: list[str]
-    serial: int = 0
 
 
 class Verdicts(msgspec.Struct, kw_only=True, tag=True):
@@ -122,8 +132,11 @@ class HandedOver(msgspec.Struct, kw_only=True, tag=True):
 def worker_spec() -> WorkerSpec | None:
     """This process's WorkerSpec, or None when it is not a worker. Taken out of the
     environment: a process this one starts is not a worker of the same supervisor."""
-    text = os.environ.pop(WORKER_ENV, None)
-    return None if text is None else msgspec.json.decode(text, type=WorkerSpec)
+    path = os.environ.pop(WORKER_ENV, None)
+    if path is None:
+        return None
+    with open(path, "rb") as file:
+        return msgspec.json.decode(file.read(), type=WorkerSpec)
 
 
 class HandedSockets(PassedSockets):
@@ -313,12 +326,16 @@ async def _obey(
         if isinstance(request, HandedOver):
             fwd.release_datagrams()
             continue
-        rules.forwarded = frozenset(request.forwarded)
         reply: dict[str, Any]
         try:
-            reply = {"reloaded": await fwd.reload(worker_table(path, request.ports, spec.number, spec.count))}
+            reload = msgspec.json.decode(await trio.Path(request.path).read_bytes(), type=ReloadSpec)
+            rules.forwarded = frozenset(reload.forwarded)
+            reply = {"reloaded": await fwd.reload(worker_table(path, reload.ports, spec.number, spec.count))}
         except (ConfigError, ListenError) as exc:
             log.error("reload failed, the old routes stay in force: %s", exc)
+            reply = {"error": str(exc)}
+        except (OSError, msgspec.DecodeError) as exc:  # its spec gone (a late reload, then another)
+            log.error("reload failed, the old routes stay in force: its spec %s: %s", request.path, exc)
             reply = {"error": str(exc)}
         handed.close_unclaimed()
         outbox.send_nowait(json.dumps({**reply, "serial": request.serial, "holding": _holding(fwd)}).encode())

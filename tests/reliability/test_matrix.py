@@ -20,6 +20,10 @@ shutdown_grace "0" ends the shutdown cases. Checked after:
 
 `make test` runs the whole matrix when TRIOFWD_MATRIX_SAMPLE is unset; a sample of N cases
 with TRIOFWD_MATRIX_SAMPLE=N (the seed is printed; TRIOFWD_MATRIX_SEED replays one).
+
+It runs again with `workers = 2` (a supervisor and two worker processes, the connections
+spread between them by the kernel): a sample of WORKERS_SAMPLE cases in which every fault
+and every action is represented, the same checks, the fds and memory those of the workers.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ POLL = 0.05
 # A sanity bound, not a leak check (the soak is that): a few hundred TLS connections are open
 # at the peak here, and the memory they took stays with the process as its high-water mark.
 RSS_BOUND_MIB = 256
+# The cases of the run with two worker processes (every fault and action among them).
+WORKERS_SAMPLE = 400
 
 
 def _sample_size() -> int | None:
@@ -143,7 +149,9 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, 
     return ca, folder
 
 
-def _route_file(cases: list[matrix.Case], env: matrix.Environment, ports: dict[str, int], change: Callable[[matrix.Case], str] | None = None) -> str:
+def _route_file(
+    cases: list[matrix.Case], env: matrix.Environment, ports: dict[str, int], change: Callable[[matrix.Case], str] | None = None, workers: int = 1
+) -> str:
     routes = []
     for case in cases:
         what = change(case) if change else "keep"
@@ -153,7 +161,7 @@ def _route_file(cases: list[matrix.Case], env: matrix.Environment, ports: dict[s
         if what == "change":
             spec["inactivity_timeout"] = "31s"  # a new spec for the route: live connections keep the old one
         routes.append(spec)
-    return json.dumps({"settings": matrix.settings(), "routes": routes}, indent=1)
+    return json.dumps({"settings": {**matrix.settings(), "workers": workers}, "routes": routes}, indent=1)
 
 
 def _reload_change(case: matrix.Case) -> str:
@@ -163,6 +171,10 @@ def _reload_change(case: matrix.Case) -> str:
     return "remove" if zlib.crc32(case.name.encode()) % 2 else "change"
 
 
+def _fds_of(pids: list[int]) -> collections.Counter[str]:
+    return sum((_sockets_and_others(pid) for pid in pids), collections.Counter())
+
+
 def _sockets_and_others(pid: int) -> collections.Counter[str]:
     kinds = fd_kinds(pid)
     assert kinds["pipe"] <= 2 * POOL_LIMIT, kinds
@@ -170,7 +182,8 @@ def _sockets_and_others(pid: int) -> collections.Counter[str]:
     return kinds
 
 
-async def test_feature_matrix(daemon: Callable[..., Any], certificates: tuple[trustme.CA, pathlib.Path], tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_feature_matrix(daemon: Callable[..., Any], certificates: tuple[trustme.CA, pathlib.Path], tmp_path: pathlib.Path, workers: int) -> None:
     """Every combination of action, keepalive, half_close_timeout, proxy_protocol and
     accept_proxy_protocol (pruned only where check refuses it) under every fault that
     applies: one access-log line each, with the expected reason; nothing leaks; the daemon
@@ -187,29 +200,56 @@ async def test_feature_matrix(daemon: Callable[..., Any], certificates: tuple[tr
         kept, refused = matrix.combos(code_env)
         everything = matrix.cases(kept)
         seed = int(os.environ.get("TRIOFWD_MATRIX_SEED") or random.randrange(2**32))
-        cases = matrix.sample(everything, _sample_size(), seed)
+        size = _sample_size()
+        if workers > 1:
+            size = min(size or WORKERS_SAMPLE, WORKERS_SAMPLE)
+        cases = matrix.sample(everything, size, seed)
         print("\n".join(matrix.summary(kept, refused, cases)))
         print(f"feature matrix: {len(cases)} of {len(everything)} cases, seed {seed} (TRIOFWD_MATRIX_SEED={seed} replays it)")
         assert len({c.name for c in everything}) == len(everything)
         env = matrix.Environment(code_env.cert, code_env.key, code_env.ca, target, "commands:handler")
         offload = [c.name for c in cases if c.combo.action == "offload"]
         ports = dict(zip(offload, free_ports(len(offload))))
-        text = _route_file(cases, env, ports)
+        text = _route_file(cases, env, ports, workers=workers)
         environ = daemon_env(HERE)
         environ["PATH"] = nft_stub(tmp_path) + os.pathsep + environ.get("PATH", "")
         with tempfile.TemporaryDirectory(prefix="triofwd-mx-") as folder:  # short: a socket path has 107 bytes
             sock = os.path.join(folder, "control.sock")
             d = daemon(text, "--control", sock, suffix=".json", env=environ, ready=False)  # the fixture kills it at teardown
             # A route file of over a thousand routes, a third with TLS, takes a few seconds to load.
-            d.listeners = (await trio.to_thread.run_sync(lambda: d.wait_log("ready", timeout=STARTUP_TIMEOUT)))[-1]["listeners"]
+            ready = await trio.to_thread.run_sync(lambda: _ready(d, workers))
+            d.listeners = ready["listeners"]
             async with triofwd.open_control(sock) as control:
-                await _run(d, control, cases, env, ports, client_tls, server)
+                await _run(d, control, cases, env, ports, client_tls, server, ready.get("pids", [d.pid]))
 
 
-async def _run(d: Any, control: triofwd.ControlClient, cases: list[matrix.Case], env: matrix.Environment, ports: dict[str, int], client_tls: ssl.SSLContext, server: TargetServer) -> None:
+def _ready(d: Any, workers: int) -> dict[str, Any]:
+    """The daemon's `ready` line: the process's, or with workers the supervisor's (every
+    worker is ready then; its `pids` are theirs)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        # A route file of over a thousand routes, a third with TLS, takes a few seconds to load.
+        for entry in d.wait_log("ready", timeout=STARTUP_TIMEOUT):
+            if workers == 1 or ("pids" in entry and "worker" not in entry):
+                return dict(entry)
+        time.sleep(POLL)
+    raise AssertionError(f"not ready within {STARTUP_TIMEOUT}s")
+
+
+async def _run(
+    d: Any,
+    control: triofwd.ControlClient,
+    cases: list[matrix.Case],
+    env: matrix.Environment,
+    ports: dict[str, int],
+    client_tls: ssl.SSLContext,
+    server: TargetServer,
+    pids: list[int],
+) -> None:
+    """`pids`: the processes that serve (the daemon, or its workers), whose fds and memory are checked."""
     addresses = {c.name: ("127.0.0.1", ports[c.name]) if c.name in ports else _split(d.listeners[c.name][0]) for c in cases}
-    base_fds = _sockets_and_others(d.pid)
-    base_rss = rss_bytes(d.pid)
+    base_fds = _fds_of(pids)
+    base_rss = {pid: rss_bytes(pid) for pid in pids}
     run = Run(d, control, cases, addresses, client_tls, _split(env.target))
     started = time.monotonic()
     limiter = trio.CapacityLimiter(CONCURRENCY)
@@ -227,7 +267,7 @@ async def _run(d: Any, control: triofwd.ControlClient, cases: list[matrix.Case],
         if run.reload_due:
             with trio.fail_after(SETTLE_TIMEOUT + CASE_TIMEOUT):
                 await run.reload_ready.wait()
-            pathlib.Path(d.routefile).write_text(_route_file(cases, env, ports, change=_reload_change))
+            pathlib.Path(d.routefile).write_text(_route_file(cases, env, ports, change=_reload_change, workers=len(pids)))
             change = await control.request("reload")
             assert len(change["removed"]) + len(change["changed"]) == run.reload_due, change
         run.reloaded.set()
@@ -246,14 +286,15 @@ async def _run(d: Any, control: triofwd.ControlClient, cases: list[matrix.Case],
         assert stats["total"] == len(cases) and stats["active"] == len(shutdown_names), stats
         assert sum(stats["terminations"].values()) == others, stats["terminations"]
         removed = sum(1 for c in cases if _reload_change(c) == "remove")
-        fds = _sockets_and_others(d.pid)
+        fds = _fds_of(pids)
         expected_fds = base_fds.copy()
-        # An open connection holds its client's socket, and its target's where it dialed one.
-        expected_fds["socket"] += sum(1 + c.combo.dials for c in cases if c.fault == "shutdown") - removed
+        # An open connection holds its client's socket, and its target's where it dialed one;
+        # a removed route's listener was a socket in every serving process.
+        expected_fds["socket"] += sum(1 + c.combo.dials for c in cases if c.fault == "shutdown") - removed * len(pids)
         assert fds == expected_fds, f"fds {dict(fds)}, expected {dict(expected_fds)} (baseline {dict(base_fds)})"
-        growth = rss_bytes(d.pid) - base_rss
+        growth = max(rss_bytes(pid) - base_rss[pid] for pid in pids)
         assert growth <= RSS_BOUND_MIB * 1024 * 1024, f"RSS grew {growth / 2**20:.1f} MiB"
-        print(f"feature matrix: the daemon's RSS grew {growth / 2**20:.1f} MiB")
+        print(f"feature matrix: the serving processes' RSS grew {growth / 2**20:.1f} MiB at most")
         d.signal(signal.SIGTERM)
         run.shutdown.set()
     status = await trio.to_thread.run_sync(d.wait, 20)
