@@ -46,7 +46,7 @@ from ._reuseport import Group, bind_group, close_groups, steer, steered_keys
 from ._table import RouteTable, load_table, route_changes
 from ._targets import TargetRegistry
 from ._upgrade import UPGRADE_ENV, Handed, hand_over
-from ._worker import MESSAGE_MAX, WORKER_ENV, HandedOver, Reload, ReloadSpec, Verdicts, WorkerSpec, socket_inode
+from ._worker import MESSAGE_MAX, WORKER_ENV, Answer, HandedOver, Ready, Released, Reload, ReloadSpec, Said, Verdicts, WorkerSpec, socket_inode
 from .control.workers import WorkersControl
 
 __all__ = ["Supervisor", "supervise"]
@@ -83,7 +83,7 @@ class Worker:
         self.ever_ready = False  # ready at least once: its exits from now on are restarts
         self.lock = trio.Lock()  # one request (and the wait for its answer) at a time
         self.sending = trio.Lock()  # one message down the channel at a time (trio: one sender)
-        self.replies: trio.MemoryReceiveChannel[dict[str, object] | None] | None = None
+        self.replies: trio.MemoryReceiveChannel[Answer | None] | None = None
         self.verdicts_due = trio.Event()  # set when a verdict turned: it is told the new set
         # The UDP listening sockets (inodes) its process holds, as it says: in "ready" and in
         # each reload's answer, less each "released"; nothing once it exits.
@@ -308,7 +308,7 @@ class Supervisor:
             if self.stopping:  # stopped while it started: it stops with the others
                 process.send_signal(signal.SIGTERM)
             channel = trio.socket.from_stdlib_socket(ours)
-            send, replies = trio.open_memory_channel[dict[str, object] | None](math.inf)
+            send, replies = trio.open_memory_channel[Answer | None](math.inf)
             worker.process, worker.channel, worker.replies = process, channel, replies
             try:
                 async with trio.open_nursery() as nursery:
@@ -323,25 +323,28 @@ class Supervisor:
                 self._released()
         return code
 
-    async def _hear(self, worker: Worker, channel: trio.socket.SocketType, replies: trio.MemorySendChannel[dict[str, object] | None]) -> None:
-        """What the worker says: that it is ready, then the results of reloads, and which UDP
+    async def _hear(self, worker: Worker, channel: trio.socket.SocketType, replies: trio.MemorySendChannel[Answer | None]) -> None:
+        """What the worker says: that it is ready, then the answers to reloads, and which UDP
         sockets it holds (with each of those, and as one closes); None when it is gone. The
         worker says it all in order, so the last word on its sockets is the true one."""
         with replies:
-            while data := await channel.recv(65536):
-                message = msgspec.json.decode(data, type=dict[str, object])
-                holding = message.get("holding")
-                if isinstance(holding, list):
-                    worker.holding = {int(inode) for inode in holding}
-                if message.get("ready"):
+            while data := await _received(channel):
+                try:
+                    message = msgspec.json.decode(data, type=Said)
+                except msgspec.DecodeError as exc:  # not expected; one bad message changes nothing
+                    log.error("worker %d said something unreadable: %s", worker.number, exc)
+                    continue
+                if isinstance(message, Released):
+                    worker.holding.discard(message.inode)
+                    self._released()
+                    continue
+                worker.holding = set(message.holding)
+                if isinstance(message, Ready):
                     worker.ready = True
                     if not worker.ever_ready:
                         worker.ever_ready = True
                         self._first_ready.send_nowait((worker.number, True))
-                elif "released" in message:
-                    worker.holding.discard(int(message["released"]))  # type: ignore[call-overload]
-                    self._released()
-                else:  # a reload's answer
+                else:
                     replies.send_nowait(message)
             replies.send_nowait(None)
 
@@ -430,12 +433,12 @@ class Supervisor:
             except OSError:  # exited meanwhile: its replacement starts on the new table
                 return
             with trio.move_on_after(RELOAD_TIMEOUT) as waited:
-                while (reply := await replies.receive()) is not None and reply.get("serial") != self._reloads:
+                while (reply := await replies.receive()) is not None and reply.serial != self._reloads:
                     pass  # the late answer to a reload it did not apply in time: that one is over
             if waited.cancelled_caught:
                 log.error("worker %d did not apply the reload within %.0fs", worker.number, RELOAD_TIMEOUT)
-            elif reply is not None and "error" in reply:
-                log.error("worker %d kept its old routes: %s", worker.number, reply["error"])
+            elif reply is not None and reply.error is not None:
+                log.error("worker %d kept its old routes: %s", worker.number, reply.error)
 
     # -- stopping -----------------------------------------------------------------------
 
@@ -654,6 +657,15 @@ async def _exited(process: subprocess.Popen[bytes]) -> int:
     finally:
         os.close(pidfd)
     return process.wait()
+
+
+async def _received(channel: trio.socket.SocketType) -> bytes:
+    """The next message a worker said; b"" once it is gone (EOF, or a reset: it died with
+    something of ours unread, such as verdicts)."""
+    try:
+        return await channel.recv(MESSAGE_MAX)
+    except ConnectionResetError:
+        return b""
 
 
 async def _tell(worker: Worker, message: bytes) -> None:

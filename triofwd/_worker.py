@@ -9,12 +9,12 @@ spec longer than an environment variable may be):
     sockets    its socket of each listener's reuseport group (fds passed to it)
     ports      the port the supervisor got for each route on port 0
     forwarded  offload routes the supervisor forwards in user space (nftables unusable)
-    channel    a SOCK_SEQPACKET socket to the supervisor: "ready" goes up it; a reload
-               (with the sockets of new listeners, SCM_RIGHTS) comes down it, its result
-               goes back; so do the verdicts of the supervisor's health checks (no
-               reply), and after an upgrade "handed over": stop reading the UDP
-               sockets; "released" goes up when a UDP listening socket closes (its
-               last session gone); its end (EOF) means the supervisor is gone
+    channel    a SOCK_SEQPACKET socket to the supervisor, typed msgspec messages each way.
+               Down: Reload (with the sockets of new listeners, SCM_RIGHTS), Verdicts of
+               the supervisor's health checks, HandedOver after an upgrade (stop reading
+               the UDP sockets). Up, in order: Ready, Answer (to a Reload), Released (a
+               UDP listening socket closed with its last session). Its end (EOF) means
+               the supervisor is gone
     down       the targets those checks hold down as the worker starts
     control    the path of the worker's private control socket, which the supervisor's
                own control socket and metrics read from
@@ -30,7 +30,6 @@ import array
 import contextlib
 import ctypes
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -38,7 +37,6 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
 
 import msgspec
 import trio
@@ -55,9 +53,14 @@ from .control import ControlServer, bind_control_socket
 __all__ = [
     "ID_SPAN",
     "WORKER_ENV",
+    "Answer",
     "HandedOver",
     "HandedSockets",
+    "Ready",
+    "Released",
     "Reload",
+    "ReloadSpec",
+    "Said",
     "Verdicts",
     "WorkerSpec",
     "die_with",
@@ -77,7 +80,7 @@ WORKER_ENV = "TRIOFWD_WORKER"
 # `kill 2000000000017` reaches worker 2's connection 17 (and the decimal shows it).
 ID_SPAN = 10**12
 # One channel message (JSON) and the sockets that may ride with it.
-MESSAGE_MAX = 64 * 1024
+MESSAGE_MAX = 256 * 1024
 FDS_MAX = 250  # SCM_MAX_FD is 253
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -127,6 +130,31 @@ class HandedOver(msgspec.Struct, kw_only=True, tag=True):
     """Down the channel after an upgrade, before SIGTERM: the new generation reads this
     worker's listening sockets now, so it stops reading its UDP ones
     (Forwarder.release_datagrams). No reply."""
+
+
+class Ready(msgspec.Struct, kw_only=True, tag=True):
+    """Up the channel: the worker serves; the UDP listening sockets (inodes) it holds."""
+
+    holding: list[int]
+
+
+class Released(msgspec.Struct, kw_only=True, tag=True):
+    """Up the channel: one of its UDP listening sockets (an inode) closed, its last session gone."""
+
+    inode: int
+
+
+class Answer(msgspec.Struct, kw_only=True, tag=True):
+    """Up the channel: the answer to reload `serial` (`error` None: applied), and the UDP
+    listening sockets (inodes) the worker holds after it."""
+
+    serial: int
+    holding: list[int]
+    error: str | None = None
+
+
+# What a worker says to its supervisor, in the order it happened (one queue, _tell_supervisor).
+Said = Ready | Released | Answer
 
 
 def worker_spec() -> WorkerSpec | None:
@@ -261,8 +289,8 @@ async def serve_worker(args: argparse.Namespace, spec: WorkerSpec) -> int:
                 # What it holds is said with "ready" and each reload's answer, each computed
                 # and queued at once, with no wait between that a socket could close in.
                 outbox, queued = trio.open_memory_channel[bytes](math.inf)
-                outbox.send_nowait(json.dumps({"ready": True, "holding": _holding(fwd)}).encode())
-                fwd.on_udp_closed(lambda sock: outbox.send_nowait(json.dumps({"released": socket_inode(sock)}).encode()))
+                outbox.send_nowait(msgspec.json.encode(Ready(holding=_holding(fwd))))
+                fwd.on_udp_closed(lambda sock: outbox.send_nowait(msgspec.json.encode(Released(inode=socket_inode(sock)))))
                 nursery.start_soon(_tell_supervisor, channel, queued)
                 nursery.start_soon(_obey, fwd, channel, outbox, handed, rules, args.routefile, spec)
                 nursery.start_soon(_on_signals, fwd, signals, log_file)
@@ -309,7 +337,10 @@ async def _obey(
 ) -> None:
     """The supervisor's requests, one at a time, until its end of the channel closes."""
     while True:
-        data, ancdata, flags, _ = await channel.recvmsg(MESSAGE_MAX, socket.CMSG_SPACE(FDS_MAX * 4), socket.MSG_CMSG_CLOEXEC)
+        try:
+            data, ancdata, flags, _ = await channel.recvmsg(MESSAGE_MAX, socket.CMSG_SPACE(FDS_MAX * 4), socket.MSG_CMSG_CLOEXEC)
+        except ConnectionResetError:  # the supervisor died with something of ours unread: gone, as at EOF
+            data, ancdata, flags = b"", [], 0
         handed.add(receive_fds(ancdata))
         if flags & socket.MSG_TRUNC:  # a message cut short would not decode: said, and skipped
             log.error("a message from the supervisor was longer than %d bytes and is ignored", MESSAGE_MAX)
@@ -326,19 +357,19 @@ async def _obey(
         if isinstance(request, HandedOver):
             fwd.release_datagrams()
             continue
-        reply: dict[str, Any]
+        error: str | None = None
         try:
             reload = msgspec.json.decode(await trio.Path(request.path).read_bytes(), type=ReloadSpec)
             rules.forwarded = frozenset(reload.forwarded)
-            reply = {"reloaded": await fwd.reload(worker_table(path, reload.ports, spec.number, spec.count))}
+            await fwd.reload(worker_table(path, reload.ports, spec.number, spec.count))
         except (ConfigError, ListenError) as exc:
             log.error("reload failed, the old routes stay in force: %s", exc)
-            reply = {"error": str(exc)}
+            error = str(exc)
         except (OSError, msgspec.DecodeError) as exc:  # its spec gone (a late reload, then another)
             log.error("reload failed, the old routes stay in force: its spec %s: %s", request.path, exc)
-            reply = {"error": str(exc)}
+            error = str(exc)
         handed.close_unclaimed()
-        outbox.send_nowait(json.dumps({**reply, "serial": request.serial, "holding": _holding(fwd)}).encode())
+        outbox.send_nowait(msgspec.json.encode(Answer(serial=request.serial, holding=_holding(fwd), error=error)))
 
 
 def tag_logs(number: int) -> None:
