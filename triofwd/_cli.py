@@ -239,9 +239,10 @@ async def _serve(args: argparse.Namespace, passed: systemd.PassedSockets, watchd
         ):
             # The control socket and the metrics port are bound before the forwarder's
             # ports, so that when `ready` is logged every listener is there.
+            count = worker_count(config.settings.workers)
             try:
                 handed = take_over()  # SIGUSR2 started this process: the running one's sockets, not bound again
-                if handed is not None and worker_count(config.settings.workers) == 1:
+                if handed is not None and count == 1:
                     return _fail("upgrade: the route file now says workers = 1; an upgrade needs workers > 1")
                 if handed is not None and handed.control is not None:
                     control: trio.SocketListener | None = trio.SocketListener(trio.socket.from_stdlib_socket(handed.control))
@@ -255,7 +256,7 @@ async def _serve(args: argparse.Namespace, passed: systemd.PassedSockets, watchd
                 return _fail(str(exc))
             for listener in metrics or ():
                 resources.callback(listener.socket.close)
-            if (count := worker_count(config.settings.workers)) > 1:
+            if count > 1:
                 try:
                     return await supervise(
                         args, table, count, control, metrics, signals, watchdog, handed, lambda: _HANDED_OVER.append(resources.pop_all()), passed

@@ -35,7 +35,7 @@ from ._addresses import format_address
 from ._errors import ListenError
 from ._metrics import CONTENT_TYPE
 from ._server import Forwarder
-from ._status import status_document
+from ._status import package_version, status_document
 
 __all__ = ["bind_metrics", "serve_metrics", "serve_metrics_on", "status_json"]
 
@@ -106,7 +106,7 @@ async def serve_metrics(
 
 def status_json(fwd: Forwarder) -> dict[str, Any]:
     """The status page's data for a running forwarder (/status.json; fields in docs/status.md)."""
-    return status_document(fwd.stats(), fwd.table.routes, fwd.addresses, time=time.time(), draining=fwd.draining, version=_version())
+    return status_document(fwd.stats(), fwd.table.routes, fwd.addresses, time=time.time(), draining=fwd.draining, version=package_version())
 
 
 async def _serve_client(render: Render, status: Status | None, stream: trio.SocketStream) -> None:
@@ -187,14 +187,6 @@ def _page() -> tuple[bytes, bytes]:
         "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
     return page, policy.encode()
-
-
-@functools.cache
-def _version() -> str:
-    try:
-        return importlib.metadata.version("triofwd")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return ""
 
 
 async def _send(conn: h11.Connection, stream: trio.SocketStream, status: int, headers: Headers, body: bytes, *, head: bool = False) -> None:

@@ -14,6 +14,8 @@ bytes per second) are what a reader derives from two documents taken some time a
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ from ._stats import UNROUTED
 if TYPE_CHECKING:
     from ._table import CompiledRoute
 
-__all__ = ["FORMAT", "REASONS", "status_document", "target_status"]
+__all__ = ["FORMAT", "REASONS", "package_version", "status_document", "target_status"]
 
 # The document's format; a field changes meaning only with a new number.
 FORMAT = 1
@@ -113,29 +115,25 @@ def _route(name: str, config: Mapping[str, Any], counts: Mapping[str, Any], targ
     }
 
 
+# A target's fields in the document, after "target" and "status", as its stats row has them.
+_TARGET_FIELDS = (
+    "active", "warm", "up", "circuit", "usable", "retry_in_s", "consecutive_failures",
+    "failures_total", "circuit_opens_total", "checks_passed", "checks_failed", "last_check",
+)  # fmt: skip
+
+
 def _target(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "target": row["target"],
-        "status": target_status(row),
-        "active": row["active"],
-        "warm": row["warm"],
-        "up": row["up"],
-        "circuit": row["circuit"],
-        "usable": row["usable"],
-        "retry_in_s": row["retry_in_s"],
-        "consecutive_failures": row["consecutive_failures"],
-        "failures_total": row["failures_total"],
-        "circuit_opens_total": row["circuit_opens_total"],
-        "checks_passed": row["checks_passed"],
-        "checks_failed": row["checks_failed"],
-        "last_check": row["last_check"],
-    }
+    return {"target": row["target"], "status": target_status(row)} | {key: row[key] for key in _TARGET_FIELDS}
 
 
 def _unmonitored(address: str) -> dict[str, Any]:
-    return {"target": address, "status": "unmonitored"} | dict.fromkeys(
-        (
-            "active", "warm", "up", "circuit", "usable", "retry_in_s", "consecutive_failures",
-            "failures_total", "circuit_opens_total", "checks_passed", "checks_failed", "last_check",
-        )
-    )  # fmt: skip
+    return {"target": address, "status": "unmonitored"} | dict.fromkeys(_TARGET_FIELDS)
+
+
+@functools.cache
+def package_version() -> str:
+    """triofwd's installed version, for the document ("" from a source tree never installed)."""
+    try:
+        return importlib.metadata.version("triofwd")
+    except importlib.metadata.PackageNotFoundError:
+        return ""

@@ -24,7 +24,6 @@ process restarts).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -35,7 +34,7 @@ import trio
 from .._errors import ControlError
 from .._metrics import render_metrics
 from .._server import WATCH_BUFFER
-from .._status import status_document
+from .._status import package_version, status_document
 from .._table import RouteTable
 from .._worker import ID_SPAN
 from .client import open_control
@@ -203,7 +202,7 @@ class WorkersControl(ControlServer):
     async def status_json(self) -> dict[str, Any]:
         """The status page's data for every worker (/status.json)."""
         return status_document(
-            _raw(await self.stats()), self.fleet.table.routes, self.fleet.addresses, time=time.time(), draining=self.fleet.draining, version=_version()
+            _raw(await self.stats()), self.fleet.table.routes, self.fleet.addresses, time=time.time(), draining=self.fleet.draining, version=package_version()
         )
 
     # -- watch ------------------------------------------------------------------------
@@ -322,10 +321,3 @@ def _raw(stats: Mapping[str, Any]) -> dict[str, Any]:
             route = {**route, "connect_time": {**histogram, "buckets": buckets}}
         routes[name] = route
     return {**stats, "routes": routes}
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("triofwd")
-    except importlib.metadata.PackageNotFoundError:
-        return ""
