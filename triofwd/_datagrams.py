@@ -128,20 +128,26 @@ class UdpListener:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 
     def receive(self, buffer: bytearray) -> tuple[int, Address, list[tuple[int, int, bytes]]]:
-        """One datagram into `buffer`: its size, its client, and (a wildcard listener) the
-        ancillary data that makes a reply come from the address it was sent to."""
+        """One datagram into `buffer`: its size, its client, and (a wildcard listener) its
+        ancillary data, which `reply_source` reads when the datagram starts a flow."""
         if not self.wildcard:
             n, client = self.sock.recvfrom_into(buffer, BUFFER, _FLAGS)
             return n, client, []
         n, ancillary, _, client = self.sock.recvmsg_into([buffer], _PKTINFO_SPACE, _FLAGS)
+        return n, client, ancillary
+
+    @staticmethod
+    def reply_source(ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+        """From a datagram's ancillary data, what makes a reply come from the address it was
+        sent to (empty: the listener's own address); read once per flow, not per datagram."""
         for level, kind, data in ancillary:
             if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
                 # struct in_pktinfo {ifindex, spec_dst, addr}: the reply's source is addr
-                return n, client, [(level, kind, bytes(4) + data[8:12] + bytes(4))]
+                return [(level, kind, bytes(4) + data[8:12] + bytes(4))]
             if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
                 # struct in6_pktinfo {addr, ifindex}: the same address, any interface
-                return n, client, [(level, kind, data[:16] + bytes(4))]
-        return n, client, []
+                return [(level, kind, data[:16] + bytes(4))]
+        return []
 
 
 class Flow:
@@ -395,10 +401,8 @@ class Datagrams:
     def forget(self, flow: Flow) -> None:
         """The session has ended (its task is leaving, on every path): its socket closes, and a
         flow refused before it had one is remembered for REFUSAL_HOLD, with its datagrams."""
-        self._unregister(flow)
+        self._detach(flow)
         listener = flow.listener
-        if listener.flows.get(flow.client) is flow:
-            del listener.flows[flow.client]
         if flow.sock is not None:
             flow.sock.close()
         elif flow.inbox is None:  # refused before its action took it
@@ -414,10 +418,14 @@ class Datagrams:
         flow.pending = None
         self._close_if_unused(listener)
 
-    def _unregister(self, flow: Flow) -> None:
+    def _detach(self, flow: Flow) -> None:
+        """The mover lets go of the flow: no more events of its socket, and its client's next
+        datagram is a new flow. Once only; again, nothing."""
         if flow.fd >= 0 and self._flows.get(flow.fd) is flow:
             del self._flows[flow.fd]
             self._epoll.unregister(flow.fd)
+        if flow.listener.flows.get(flow.client) is flow:
+            del flow.listener.flows[flow.client]
 
     def _finish(self, flow: Flow, error: BaseException | None) -> None:
         """The data path ends the flow (`error` None: its replies are in): its socket is no
@@ -425,10 +433,7 @@ class Datagrams:
         if flow.over:
             return
         flow.over, flow.error = True, error
-        self._unregister(flow)
-        listener = flow.listener
-        if listener.flows.get(flow.client) is flow:
-            del listener.flows[flow.client]
+        self._detach(flow)
         task, flow.task = flow.task, None
         if task is not None:
             trio.lowlevel.reschedule(task, outcome.Value(None) if error is None else outcome.Error(error))
@@ -472,7 +477,7 @@ class Datagrams:
         buffer, view, flows = self._buffer, self._view, listener.flows
         for _ in range(READ_BATCH):
             try:
-                n, client, source = listener.receive(buffer)
+                n, client, ancillary = listener.receive(buffer)
             except BlockingIOError:
                 return
             except OSError as exc:  # not expected on an unconnected socket: read again next time
@@ -499,7 +504,7 @@ class Datagrams:
                     self.drops[route, reason] += 1
                     continue
                 del listener.refused[client]
-            flow = flows[client] = Flow(listener, client, bytes(view[:n]), source)
+            flow = flows[client] = Flow(listener, client, bytes(view[:n]), listener.reply_source(ancillary))
             try:
                 assert self.on_flow is not None, "the forwarder starts sessions"
                 self.on_flow(flow)

@@ -126,6 +126,7 @@ class Supervisor:
         # The health checks: here, once per target for every worker (workers follow the
         # verdicts); no warm sockets, those are the workers', who dial.
         self.checks = TargetRegistry(warm=False, on_verdict=self._verdicts_turned)
+        self._verdicts = b""  # the latest Verdicts message, sent once a verdict has turned
         self._checking: trio.Nursery | None = None  # where the checks run, while they do
 
     # -- what the control socket reads (control.workers.Fleet) --------------------------
@@ -470,6 +471,9 @@ class Supervisor:
             self.checks.close()
 
     def _verdicts_turned(self) -> None:
+        """A verdict turned (or a reload changed the targets): the set of targets down now,
+        encoded once, goes to every worker."""
+        self._verdicts = msgspec.json.encode(Verdicts(down=self.checks.down()))
         for worker in self.workers:
             worker.verdicts_due.set()
 
@@ -480,7 +484,7 @@ class Supervisor:
             await worker.verdicts_due.wait()
             worker.verdicts_due = trio.Event()  # a turn while this one is sent: sent again
             try:
-                await worker.send(msgspec.json.encode(Verdicts(down=self.checks.down())))
+                await worker.send(self._verdicts)
             except OSError:  # exiting: its replacement starts with the verdicts of then
                 return
 
