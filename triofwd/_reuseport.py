@@ -63,12 +63,15 @@ class Group:
     """One listener's sockets: `sockets[i]` is worker i's, in the order they joined the group."""
 
     key: ListenKey
-    address: str  # "ip:port" as bound (port 0 resolved)
     sockets: list[socket.socket]
     steered: bool = False  # the client-address program is attached
     # systemd's socket (socket activation), the same one for every worker: one queue they
     # all accept from, never steered; given back, not closed, when a reload drops it.
     activated: bool = False
+    address: str = dataclasses.field(init=False)  # "ip:port" as bound (port 0 resolved)
+
+    def __post_init__(self) -> None:
+        self.address = format_address(self.sockets[0].getsockname())
 
     @property
     def port(self) -> int:
@@ -113,7 +116,7 @@ def bind_group(key: ListenKey, count: int) -> Group:
         for sock in sockets:
             sock.close()
         raise listen_error(exc, f"listen on {format_address((bind, port))}{' (udp)' if udp else ''}") from None
-    return Group(key, format_address(sockets[0].getsockname()), sockets)
+    return Group(key, sockets)
 
 
 def steered_keys(table: RouteTable) -> set[ListenKey]:

@@ -18,7 +18,6 @@ stops them, once) and die with the supervisor (PR_SET_PDEATHSIG, and their chann
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import logging
 import math
@@ -46,7 +45,7 @@ from ._reuseport import Group, bind_group, close_groups, steer, steered_keys
 from ._table import RouteTable, load_table, route_changes
 from ._targets import TargetRegistry
 from ._upgrade import UPGRADE_ENV, Handed, hand_over
-from ._worker import MESSAGE_MAX, WORKER_ENV, Answer, HandedOver, Ready, Released, Reload, ReloadSpec, Said, Verdicts, WorkerSpec, socket_inode
+from ._worker import MESSAGE_MAX, WORKER_ENV, Answer, HandedOver, Ready, Released, Reload, ReloadSpec, Said, Verdicts, WorkerSpec, carrying, socket_inode
 from .control.workers import WorkersControl
 
 __all__ = ["Supervisor", "supervise"]
@@ -94,7 +93,7 @@ class Worker:
         async with self.sending:
             if self.channel is None:
                 raise BrokenPipeError("the worker is not running")
-            await self.channel.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+            await self.channel.sendmsg([message], carrying(fds or []))
 
 
 class Supervisor:
@@ -191,7 +190,7 @@ class Supervisor:
                     continue
                 inherited = self.handed.groups.pop(key, []) if self.handed is not None else []
                 if len(inherited) == self.count:  # the same queues the generation before accepted from
-                    opened[key] = group = Group(key, format_address(inherited[0].getsockname()), inherited)
+                    opened[key] = group = Group(key, inherited)
                     self._steer(group, key in steered)
                     continue
                 for sock in inherited:
@@ -224,7 +223,7 @@ class Supervisor:
         sock = self.passed.claim([(bind, port, "tcp")]).get((bind, port, "tcp"))
         if sock is None:
             return None
-        return Group(key, format_address(sock.getsockname()), [sock] * self.count, activated=True)
+        return Group(key, [sock] * self.count, activated=True)
 
     def _let_go(self, group: Group) -> None:
         """A group no listener uses: closed, or systemd's socket given back, open, for a

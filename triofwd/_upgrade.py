@@ -15,7 +15,6 @@ old one goes on serving.
 
 from __future__ import annotations
 
-import array
 import dataclasses
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Protocol
 
 from ._addresses import ListenKey
 from ._errors import ListenError
-from ._worker import FDS_MAX, MESSAGE_MAX, receive_fds
+from ._worker import FDS_MAX, MESSAGE_MAX, carrying, receive_fds
 
 __all__ = ["UPGRADE_ENV", "Handed", "hand_over", "take_over"]
 
@@ -49,9 +48,7 @@ class HasFileno(Protocol):
 
 
 def _send(channel: socket.socket, message: object, sockets: Sequence[HasFileno]) -> None:
-    fds = [sock.fileno() for sock in sockets]
-    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    channel.sendmsg([json.dumps(message).encode()], ancdata)
+    channel.sendmsg([json.dumps(message).encode()], carrying([sock.fileno() for sock in sockets]))
 
 
 def hand_over(channel: socket.socket, groups: Mapping[ListenKey, Sequence[HasFileno]], control: HasFileno | None, metrics: Sequence[HasFileno]) -> None:

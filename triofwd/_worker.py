@@ -36,7 +36,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 import msgspec
 import trio
@@ -63,6 +63,7 @@ __all__ = [
     "Said",
     "Verdicts",
     "WorkerSpec",
+    "carrying",
     "die_with",
     "receive_fds",
     "serve_worker",
@@ -214,6 +215,11 @@ def share(table: RouteTable, number: int, count: int) -> RouteTable:
 
     routes = [dataclasses.replace(r, limits=dataclasses.replace(r.limits, max_connections=part(r.limits.max_connections))) for r in table.routes]
     return dataclasses.replace(with_routes(table, routes), limits=dataclasses.replace(table.limits, max_connections=part(table.limits.max_connections)))
+
+
+def carrying(fds: Sequence[int]) -> list[tuple[int, int, array.array[int]]]:
+    """The ancillary data of a message that carries these fds (SCM_RIGHTS); none: empty."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
 
 
 def receive_fds(ancdata: Iterable[tuple[int, int, bytes]]) -> list[socket.socket]:
